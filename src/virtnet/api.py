@@ -1,0 +1,215 @@
+"""The Python API: train from a config, load a checkpoint, evaluate it, and account for its costs.
+
+>>> from virtnet import api
+>>> run = api.train("configs/demo.yaml")                 # or a dict, or a RunConfig
+>>> loaded = api.load(run.out_dir / "model.json")
+>>> rows = api.evaluate_model(loaded, loaded.taskset())  # accuracy per (task, level)
+>>> costs = api.cost_rows(loaded)                        # params, FLOPs, latency per (task, level)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from virtnet.backbones.base import TaskSpec
+from virtnet.config import RunConfig, read_config_file
+from virtnet.data.config import DataConfig, build_taskset
+from virtnet.data.core import TaskSet
+from virtnet.errors import ConfigError, DataError
+from virtnet.methods.base import Method, make_method
+from virtnet.train.checkpoint import load_checkpoint, load_model_state
+from virtnet.train.evaluate import evaluate
+from virtnet.train.loop import Trainer
+
+
+def task_specs(taskset: TaskSet) -> list[TaskSpec]:
+    """One :class:`TaskSpec` per task of ``taskset`` (inputs must be square)."""
+    specs = []
+    for t in taskset:
+        c, h, w = t.input_shape
+        if h != w:
+            raise DataError(f"task '{t.name}': inputs must be square, got {h}x{w}")
+        specs.append(TaskSpec(t.name, c, h, t.num_outputs))
+    return specs
+
+
+def _as_config(config: RunConfig | dict[str, Any] | str | Path) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, dict):
+        return RunConfig.from_dict(config)
+    return RunConfig.load(config)
+
+
+def build(cfg: RunConfig, specs: list[TaskSpec]) -> tuple[Method, nn.Module]:
+    """The method and its freshly initialised model (seeded with ``cfg.seed``)."""
+    method = make_method(cfg.method.name, cfg.method.options())
+    torch.manual_seed(cfg.seed)
+    model = method.build(specs, cfg.model)
+    return method, model
+
+
+@dataclass
+class Run:
+    """What :func:`train` returns."""
+
+    config: RunConfig
+    method: Method
+    model: nn.Module
+    taskset: TaskSet
+    out_dir: Path
+    summary: dict[str, Any]
+    test_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_meta(cfg: RunConfig, specs: list[TaskSpec], taskset: TaskSet) -> dict[str, Any]:
+    """Metadata stored in every checkpoint: enough to rebuild the model without the data."""
+    return {
+        "config": cfg.to_dict(),
+        "method": cfg.method.name,
+        "tasks": [vars(s) for s in specs],
+        "task_info": taskset.describe(),
+        "class_names": {t.name: list(t.class_names) for t in taskset},
+    }
+
+
+def train(
+    config: RunConfig | dict[str, Any] | str | Path,
+    resume: bool = False,
+    out_dir: str | Path | None = None,
+    taskset: TaskSet | None = None,
+    log: Any = None,
+) -> Run:
+    """Train the run described by ``config`` and evaluate it on the test split.
+
+    Writes ``metrics.jsonl``, ``checkpoints/last.*``, ``model.*`` (the final weights) and
+    ``config.json`` (the config with defaults filled in) under ``out_dir`` (default: the config's
+    ``output_dir``).
+    """
+    cfg = _as_config(config)
+    out = Path(out_dir if out_dir is not None else cfg.output_dir)
+    if taskset is None:
+        taskset = build_taskset(cfg.data, cfg.seed)
+    specs = task_specs(taskset)
+    method, model = build(cfg, specs)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    import json
+
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    trainer = Trainer(method, model, taskset, cfg.train, cfg.seed, out, run_meta(cfg, specs, taskset),
+                      sampling=cfg.data.sampling, log=log)
+    summary = trainer.fit(resume=resume)
+    rows = evaluate(method, model, taskset, split="test")
+    return Run(cfg, method, model, taskset, out, summary, rows)
+
+
+@dataclass
+class Loaded:
+    """A model loaded from a checkpoint, with what is needed to use it."""
+
+    method: Method
+    model: nn.Module
+    meta: dict[str, Any]
+    specs: list[TaskSpec]
+    path: Path
+
+    @property
+    def config(self) -> RunConfig:
+        return RunConfig.from_dict(self.meta["config"])
+
+    def taskset(self, data_root: str | None = None) -> TaskSet:
+        """Rebuild the run's task set (reads the data; ``data_root`` overrides the config's)."""
+        cfg = self.config
+        data: DataConfig = cfg.data
+        if data_root is not None:
+            data = data.model_copy(update={"root": data_root})
+        return build_taskset(data, cfg.seed)
+
+
+def load(path: str | Path) -> Loaded:
+    """Load a checkpoint (``model.json``, ``checkpoints/last.json``, or either file of a pair)."""
+    ck = load_checkpoint(path)
+    meta = ck.meta
+    if "config" not in meta or "tasks" not in meta:
+        raise ConfigError(f"{ck.path}: checkpoint has no run config or task list")
+    cfg = RunConfig.from_dict(meta["config"], source=str(ck.path))
+    specs = [TaskSpec(**s) for s in meta["tasks"]]
+    method, model = build(cfg, specs)
+    # state a method creates at phase boundaries must exist before loading
+    phase_index = int(meta.get("state", {}).get("phase", 0))
+    phases = method.phases([s.name for s in specs])
+    for ph in phases[: min(phase_index + 1, len(phases))]:
+        method.on_phase_start(model, ph)
+    load_model_state(model, ck.model_state, str(ck.path))
+    model.eval()
+    return Loaded(method, model, meta, specs, Path(ck.path))
+
+
+def evaluate_model(loaded: Loaded, taskset: TaskSet, split: str = "test", levels: str | list[int] = "all"
+                   ) -> list[dict[str, Any]]:
+    """Accuracy per (task, level) of a loaded model."""
+    return evaluate(loaded.method, loaded.model, taskset, split=split, levels=levels)
+
+
+def cost_rows(
+    loaded: Loaded,
+    latency: bool = True,
+    threads: int = 2,
+    batch_sizes: tuple[int, ...] = (1, 64),
+    warmup: int = 5,
+    repeats: int = 20,
+) -> list[dict[str, Any]]:
+    """Parameters, FLOPs, bytes and latency of every (task, level), from each level's exported network.
+
+    ``density`` is the level's parameters over the task's largest level's.
+    """
+    from virtnet.cost import cost_of
+
+    rows = []
+    for spec in loaded.specs:
+        shape = (spec.in_channels, spec.input_size, spec.input_size)
+        task_rows = []
+        for lv in loaded.method.levels(loaded.model, spec.name):
+            net = loaded.method.export(loaded.model, spec.name, lv.index)
+            c = cost_of(net, shape, shared_prefixes=loaded.method.shared_prefixes(), latency=latency,
+                        threads=threads, batch_sizes=batch_sizes, warmup=warmup, repeats=repeats)
+            task_rows.append({"task": spec.name, "level": lv.index, "level_name": lv.name, **c})
+        top = task_rows[-1]["params"]
+        for r in task_rows:
+            r["density"] = 100.0 * r["params"] / top
+        rows.extend(task_rows)
+    return rows
+
+
+def total_parameters(model: nn.Module) -> int:
+    """Physical parameters of a whole model, each tensor counted once."""
+    seen: set[int] = set()
+    n = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def merge_rows(acc_rows: list[dict[str, Any]], cost: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join accuracy rows and cost rows on (task, level)."""
+    by = {(r["task"], r["level"]): r for r in cost}
+    out = []
+    for r in acc_rows:
+        merged = copy.copy(by.get((r["task"], r["level"]), {}))
+        merged.update(r)
+        out.append(merged)
+    return out
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    return read_config_file(path)

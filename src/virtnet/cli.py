@@ -1,0 +1,228 @@
+"""``virtnet`` command line: ``train``, ``eval``, ``info``, ``demo``.
+
+Every bad input ends with one line ``virtnet: error: <what is wrong>`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from virtnet.errors import ConfigError, VirtnetError
+
+TABLE_COLUMNS = [
+    ("task", "task"),
+    ("level", "level"),
+    ("accuracy", "accuracy (%)"),
+    ("params", "params"),
+    ("density", "density (%)"),
+    ("flops", "FLOPs (2 per MAC)"),
+    ("latency_ms_b1", "latency b1 (ms)"),
+    ("latency_ms_b64", "latency b64 (ms)"),
+]
+
+
+def _set_override(d: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected KEY=VALUE with a dotted key, e.g. train.epochs=2")
+    key, value = assignment.split("=", 1)
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: '{p}' is not a section")
+        cur = nxt
+    cur[parts[-1]] = yaml.safe_load(value)
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = (), data_root: str | None = None,
+                    output_dir: str | None = None) -> Any:
+    from virtnet.config import RunConfig, read_config_file
+
+    raw = read_config_file(path)
+    for o in overrides:
+        _set_override(raw, o)
+    if data_root is not None:
+        raw.setdefault("data", {})["root"] = data_root
+    if output_dir is not None:
+        raw["output_dir"] = output_dir
+    return RunConfig.from_dict(raw, source=str(path))
+
+
+def _fmt(v: Any, key: str) -> str:
+    if v is None:
+        return "-"
+    if key in ("accuracy", "density"):
+        return f"{v:.2f}"
+    if key.startswith("latency"):
+        return f"{v:.3f}"
+    if key in ("params", "flops") and isinstance(v, (int, float)):
+        return f"{int(v):,}"
+    return str(v)
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]] = TABLE_COLUMNS) -> str:
+    cols = [(k, h) for k, h in columns if any(k in r for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k), k) for k, _ in cols) + " |")
+    return "\n".join(lines)
+
+
+def _eval_rows(ckpt: str, data_root: str | None, split: str, latency: bool, threads: int,
+               repeats: int) -> tuple[Any, list[dict[str, Any]]]:
+    from virtnet import api
+
+    loaded = api.load(ckpt)
+    taskset = loaded.taskset(data_root)
+    acc = api.evaluate_model(loaded, taskset, split=split)
+    cost = api.cost_rows(loaded, latency=latency, threads=threads, repeats=repeats)
+    return loaded, api.merge_rows(acc, cost)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from virtnet import api
+
+    cfg = load_run_config(args.config, args.set or [], args.data_root, args.output_dir)
+    t0 = time.perf_counter()
+    run = api.train(cfg, resume=args.resume)
+    print(f"trained in {time.perf_counter() - t0:.1f}s; weights: {run.out_dir / 'model.json'}")
+    print(table(run.test_rows))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from virtnet import api
+
+    loaded, rows = _eval_rows(args.checkpoint, args.data_root, args.split, not args.no_latency, args.threads,
+                              args.repeats)
+    total = api.total_parameters(loaded.model)
+    if args.plot:
+        from virtnet.cost import plot_accuracy_vs_density
+
+        plot_accuracy_vs_density([{**r, "method": loaded.meta.get("method", "")} for r in rows], args.plot)
+    if args.json:
+        print(json.dumps({"checkpoint": str(loaded.path), "method": loaded.meta.get("method"), "split": args.split,
+                          "total_params": total, "rows": rows}, indent=2, default=float))
+    else:
+        print(f"{loaded.meta.get('method')} on {', '.join(s.name for s in loaded.specs)} "
+              f"({args.split} split); total parameters {total:,}")
+        print(table(rows))
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from virtnet import api
+
+    loaded = api.load(args.checkpoint)
+    rows = api.cost_rows(loaded, latency=args.latency, threads=args.threads)
+    info = {
+        "checkpoint": str(loaded.path),
+        "method": loaded.meta.get("method"),
+        "tasks": [vars(s) for s in loaded.specs],
+        "total_params": api.total_parameters(loaded.model),
+        "state": loaded.meta.get("state"),
+        "versions": loaded.meta.get("versions"),
+        "budgets": rows,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, default=float))
+    else:
+        print(f"checkpoint: {info['checkpoint']}")
+        print(f"method: {info['method']}; total parameters {info['total_params']:,}")
+        for s in loaded.specs:
+            print(f"task {s.name}: input {s.in_channels}x{s.input_size}x{s.input_size}, {s.num_outputs} outputs")
+        print(table(rows))
+    return 0
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("virtnet") / "configs" / "demo.yaml"))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from virtnet import api
+    from virtnet.cost import plot_accuracy_vs_density
+
+    t0 = time.perf_counter()
+    out = args.output_dir or "runs/demo"
+    cfg = load_run_config(demo_config_path(), args.set or [], None, out)
+    print(f"virtnet demo: {cfg.method.name} on the digits split into two tasks -> {out}")
+    run = api.train(cfg)
+    loaded = api.load(run.out_dir / "model.json")
+    acc = api.evaluate_model(loaded, run.taskset)
+    rows = api.merge_rows(acc, api.cost_rows(loaded, latency=True, threads=args.threads, repeats=10))
+    plot = Path(out) / "accuracy_vs_density.png"
+    plot_accuracy_vs_density([{**r, "method": cfg.method.name} for r in rows], plot,
+                             title="virtnet demo: accuracy against parameter density")
+    (Path(out) / "demo.json").write_text(json.dumps({"rows": rows}, indent=2, default=float) + "\n")
+    print(f"\ntotal parameters of the model: {api.total_parameters(loaded.model):,}")
+    print(table(rows))
+    print(f"\nplot: {plot}\ndone in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="virtnet", description="Memory-efficient multi-task deep networks.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a run from a YAML/TOML config")
+    t.add_argument("config")
+    t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    t.add_argument("--data-root", help="data folder (overrides data.root)")
+    t.add_argument("--output-dir", help="run folder (overrides output_dir)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="accuracy, parameters, FLOPs and latency per task and level")
+    e.add_argument("checkpoint")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--data-root")
+    e.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    e.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--repeats", type=int, default=20)
+    e.add_argument("--plot", help="write an accuracy-against-density plot (PNG) here")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="tasks, budgets, parameters and FLOPs of a checkpoint")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--latency", action="store_true", help="also measure latency")
+    i.add_argument("--threads", type=int, default=2)
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="train and report a small multi-task model on the bundled digits")
+    d.add_argument("--output-dir")
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--set", action="append", metavar="KEY=VALUE")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VirtnetError as e:
+        print(f"virtnet: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("virtnet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

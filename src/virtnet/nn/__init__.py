@@ -1,0 +1,24 @@
+"""Reusable layers: route-aware (unit-sliced) convolution, linear and batch-norm layers."""
+
+from virtnet.nn.layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Linear,
+    Routed,
+    RouteSequential,
+    call,
+)
+from virtnet.nn.units import Route, UnitPartition
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "Conv2d",
+    "Linear",
+    "Route",
+    "RouteSequential",
+    "Routed",
+    "UnitPartition",
+    "call",
+]

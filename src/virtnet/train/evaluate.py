@@ -1,0 +1,72 @@
+"""Accuracy of every (task, level) of a model on a split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from virtnet.data.core import TaskSet
+from virtnet.data.loader import eval_batches
+
+
+def accuracy_counts(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int]:
+    """(correct, total): argmax for multiclass; per-label sign for multilabel (known labels only)."""
+    if y.dim() == 1:
+        return int((logits.argmax(1) == y).sum()), int(y.numel())
+    hit = (logits > 0) == (y > 0.5)
+    if mask is not None:
+        return int((hit & mask).sum()), int(mask.sum())
+    return int(hit.sum()), int(hit.numel())
+
+
+@torch.inference_mode()
+def evaluate(
+    method: Any,
+    model: nn.Module,
+    taskset: TaskSet,
+    split: str = "test",
+    tasks: list[str] | None = None,
+    levels: str | list[int] = "all",
+    batch_size: int = 256,
+) -> list[dict[str, Any]]:
+    """Rows ``{"task", "level", "level_name", "split", "accuracy" (%), "correct", "total"}``.
+
+    Args:
+        method: the model's method (gives the levels and the forward of a level).
+        levels: ``"all"`` levels of each task, ``"top"`` (the largest) or a list of level indices.
+    """
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for task in tasks or taskset.names:
+            all_levels = method.levels(model, task)
+            if levels == "all":
+                chosen = all_levels
+            elif levels == "top":
+                chosen = all_levels[-1:]
+            else:
+                chosen = [lv for lv in all_levels if lv.index in levels]
+            batches = list(eval_batches(taskset, task, split=split, batch_size=batch_size))
+            for lv in chosen:
+                correct = total = 0
+                for b in batches:
+                    c, n = accuracy_counts(method.predict(model, b.x, task, lv.index), b.y, b.mask)
+                    correct += c
+                    total += n
+                rows.append(
+                    {
+                        "task": task,
+                        "level": lv.index,
+                        "level_name": lv.name,
+                        "split": split,
+                        "accuracy": 100.0 * correct / max(1, total),
+                        "correct": correct,
+                        "total": total,
+                    }
+                )
+    finally:
+        model.train(was_training)
+    return rows
