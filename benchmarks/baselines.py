@@ -44,30 +44,61 @@ def main() -> None:
     work = Path(args.work_dir or "runs/bench/baselines")
     rows = []
     for method in args.methods.split(","):
-        cfg = RunConfig.from_dict({
-            "seed": args.seed,
-            "output_dir": str(work / method),
-            "data": data,
-            "model": {"name": "resnet", "depth": args.depth, "width": args.width},
-            "method": {"name": method},
-            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "sgd", "lr": 0.1,
-                      "weight_decay": 5e-4, "schedule": "cosine", "eval_every": 0, "checkpoint_every": 0,
-                      "threads": args.threads, "progress": False},
-        })
+        cfg = RunConfig.from_dict(
+            {
+                "seed": args.seed,
+                "output_dir": str(work / method),
+                "data": data,
+                "model": {"name": "resnet", "depth": args.depth, "width": args.width},
+                "method": {"name": method},
+                "train": {
+                    "epochs": args.epochs,
+                    "batch_size": args.batch_size,
+                    "optimizer": "sgd",
+                    "lr": 0.1,
+                    "weight_decay": 5e-4,
+                    "schedule": "cosine",
+                    "eval_every": 0,
+                    "checkpoint_every": 0,
+                    "threads": args.threads,
+                    "progress": False,
+                },
+            }
+        )
         run = api.train(cfg, taskset=taskset)
         loaded = api.load(run.out_dir / "model.json")
         cost = api.cost_rows(loaded, threads=args.threads)
         total = api.total_parameters(loaded.model)
         sec = statistics.median(run.summary["epoch_seconds"])
         for r in api.merge_rows(run.test_rows, cost):
-            rows.append({"method": method, "scenario": "mnist+fashion_mnist", **r,
-                         "total_params": total, "seconds_per_epoch": sec, "epochs": args.epochs})
-        print(f"{method}: " + ", ".join(f"{r['task']} {r['accuracy']:.2f}%" for r in run.test_rows)
-              + f"; {total:,} parameters; {sec:.1f}s/epoch", flush=True)
-    stem = write_results("baselines", rows, args.seed, args.out, extra={"epochs": args.epochs,
-                         "backbone": f"resnet{args.depth} (CIFAR layout) width {args.width}",
-                         "note_seconds": "seconds_per_epoch: median over epochs; one epoch = one pass over the "
-                                         "larger training set with one batch of every task per step"})
+            rows.append(
+                {
+                    "method": method,
+                    "scenario": "mnist+fashion_mnist",
+                    **r,
+                    "total_params": total,
+                    "seconds_per_epoch": sec,
+                    "epochs": args.epochs,
+                }
+            )
+        print(
+            f"{method}: "
+            + ", ".join(f"{r['task']} {r['accuracy']:.2f}%" for r in run.test_rows)
+            + f"; {total:,} parameters; {sec:.1f}s/epoch",
+            flush=True,
+        )
+    stem = write_results(
+        "baselines",
+        rows,
+        args.seed,
+        args.out,
+        extra={
+            "epochs": args.epochs,
+            "backbone": f"resnet{args.depth} (CIFAR layout) width {args.width}",
+            "note_seconds": "seconds_per_epoch: median over epochs; one epoch = one pass over the "
+            "larger training set with one batch of every task per step",
+        },
+    )
     print(f"wrote {stem}.json and {stem}.md")
 
 

@@ -55,16 +55,35 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    data = {"root": args.data_root, "sampling": "all", "tasks": [
-        {"name": "mnist", "dataset": "mnist", "test_size": 512},
-        {"name": "fashion_mnist", "dataset": "fashion_mnist", "test_size": 512}]}
+    data = {
+        "root": args.data_root,
+        "sampling": "all",
+        "tasks": [
+            {"name": "mnist", "dataset": "mnist", "test_size": 512},
+            {"name": "fashion_mnist", "dataset": "fashion_mnist", "test_size": 512},
+        ],
+    }
     taskset = build_taskset(DataConfig.model_validate(data), args.seed)
-    cfg = RunConfig.from_dict({
-        "seed": args.seed, "data": data, "model": {"name": "resnet", "depth": args.depth},
-        "method": {"name": "joint"},
-        "train": {"epochs": 1, "batch_size": args.batch_size, "lr": 0.05, "schedule": "cosine",
-                  "max_steps_per_epoch": args.steps, "eval_every": 0, "checkpoint_every": 0,
-                  "progress": True, "threads": args.threads, "deterministic": False}})
+    cfg = RunConfig.from_dict(
+        {
+            "seed": args.seed,
+            "data": data,
+            "model": {"name": "resnet", "depth": args.depth},
+            "method": {"name": "joint"},
+            "train": {
+                "epochs": 1,
+                "batch_size": args.batch_size,
+                "lr": 0.05,
+                "schedule": "cosine",
+                "max_steps_per_epoch": args.steps,
+                "eval_every": 0,
+                "checkpoint_every": 0,
+                "progress": True,
+                "threads": args.threads,
+                "deterministic": False,
+            },
+        }
+    )
     specs = api.task_specs(taskset)
     loader = MultiTaskLoader(taskset, args.batch_size, args.seed, sampling="all", augment=True)
     plain, shared = [], []
@@ -75,24 +94,53 @@ def main() -> None:
         tr = Trainer(method, model, taskset, cfg.train, args.seed, None, sampling="all", log=lambda s: None)
         tr.fit()
         shared.append(tr.epoch_seconds[0] / args.steps)
-        print(f"round {r}: plain {plain[-1] * 1e3:.1f} ms/step, shared loop {shared[-1] * 1e3:.1f} ms/step",
-              flush=True)
+        print(
+            f"round {r}: plain {plain[-1] * 1e3:.1f} ms/step, shared loop {shared[-1] * 1e3:.1f} ms/step",
+            flush=True,
+        )
     mp, ms = statistics.median(plain), statistics.median(shared)
     ratio = ms / mp
     _, model = api.build(cfg, specs)
     net = model.task_network("mnist")
     rows = [
-        {"method": "plain-loop", "scenario": "mnist+fashion_mnist", "task": "all", "level": "full",
-         "accuracy": None, "params": count_parameters(model), "flops": count_flops(net, (1, 28, 28)),
-         "ms_per_step": mp * 1e3, "ms_per_step_all": [x * 1e3 for x in plain]},
-        {"method": "virtnet-loop", "scenario": "mnist+fashion_mnist", "task": "all", "level": "full",
-         "accuracy": None, "params": count_parameters(model), "flops": count_flops(net, (1, 28, 28)),
-         "ms_per_step": ms * 1e3, "ms_per_step_all": [x * 1e3 for x in shared], "ratio_to_plain": ratio},
+        {
+            "method": "plain-loop",
+            "scenario": "mnist+fashion_mnist",
+            "task": "all",
+            "level": "full",
+            "accuracy": None,
+            "params": count_parameters(model),
+            "flops": count_flops(net, (1, 28, 28)),
+            "ms_per_step": mp * 1e3,
+            "ms_per_step_all": [x * 1e3 for x in plain],
+        },
+        {
+            "method": "virtnet-loop",
+            "scenario": "mnist+fashion_mnist",
+            "task": "all",
+            "level": "full",
+            "accuracy": None,
+            "params": count_parameters(model),
+            "flops": count_flops(net, (1, 28, 28)),
+            "ms_per_step": ms * 1e3,
+            "ms_per_step_all": [x * 1e3 for x in shared],
+            "ratio_to_plain": ratio,
+        },
     ]
-    stem = write_results("train_loop_overhead", rows, args.seed, args.out,
-                         extra={"steps_per_round": args.steps, "rounds": args.rounds,
-                                "batch_size_per_task": args.batch_size, "ratio": ratio, "target": 1.05,
-                                "met": ratio <= 1.05})
+    stem = write_results(
+        "train_loop_overhead",
+        rows,
+        args.seed,
+        args.out,
+        extra={
+            "steps_per_round": args.steps,
+            "rounds": args.rounds,
+            "batch_size_per_task": args.batch_size,
+            "ratio": ratio,
+            "target": 1.05,
+            "met": ratio <= 1.05,
+        },
+    )
     print(f"median ms/step: plain {mp * 1e3:.1f}, virtnet {ms * 1e3:.1f}; ratio {ratio:.3f} (target <= 1.05)")
     print(f"wrote {stem}.json and {stem}.md")
 

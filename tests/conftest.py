@@ -17,20 +17,22 @@ def pattern_dataset(n: int, classes: int, channels: int, size: int, seed: int, s
     for c in range(classes):
         r, col = divmod(c % 4, 2)
         sel = labels == c
-        images[sel, :, r * half:(r + 1) * half, col * half:(col + 1) * half] += 150 + 20 * (c // 4)
+        images[sel, :, r * half : (r + 1) * half, col * half : (col + 1) * half] += 150 + 20 * (c // 4)
     return ArrayDataset(images.clamp(0, 255).to(torch.uint8), labels.long(), source=source)
 
 
-def make_taskset(shapes=((1, 8), (1, 8)), classes: int = 3, n_train: int = 48, n_test: int = 24,
-                 seed: int = 0) -> TaskSet:
+def make_taskset(
+    shapes=((1, 8), (1, 8)), classes: int = 3, n_train: int = 48, n_test: int = 24, seed: int = 0
+) -> TaskSet:
     tasks = []
     for i, (c, s) in enumerate(shapes):
         tr = pattern_dataset(n_train, classes, c, s, seed + 10 * i, f"task{i}/train")
         te = pattern_dataset(n_test, classes, c, s, seed + 10 * i + 1, f"task{i}/test")
         mean = tuple(float(v) for v in (tr.images.float() / 255).mean(dim=(0, 2, 3)))
         std = tuple(float(v) for v in (tr.images.float() / 255).std(dim=(0, 2, 3)))
-        tasks.append(Task(f"t{i}", tr, te, classes, class_names=[str(k) for k in range(classes)],
-                          mean=mean, std=std))
+        tasks.append(
+            Task(f"t{i}", tr, te, classes, class_names=[str(k) for k in range(classes)], mean=mean, std=std)
+        )
     return TaskSet(tasks, "patterns")
 
 

@@ -38,7 +38,9 @@ def trained_tiny() -> tuple[nn.Module, torch.optim.Optimizer]:
 
 def test_round_trip_is_exact_including_buffers(tmp_path):
     m, opt = trained_tiny()
-    save_checkpoint(tmp_path / "ck", m.state_dict(), {"seed": 3}, optimizer=opt, rng_state=torch.get_rng_state())
+    save_checkpoint(
+        tmp_path / "ck", m.state_dict(), {"seed": 3}, optimizer=opt, rng_state=torch.get_rng_state()
+    )
     ck = load_checkpoint(tmp_path / "ck.json")
     for k, v in m.state_dict().items():
         assert torch.equal(ck.model_state[k], v), k
@@ -108,9 +110,10 @@ def test_state_for_a_different_network_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="different network: '0.weight' has shape"):
         load_model_state(other, ck.model_state, "ck")
     with pytest.raises(CheckpointError, match="missing 1 tensors"):
-        load_model_state(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), {"0.weight": torch.zeros(2, 2),
-                                                                           "0.bias": torch.zeros(2),
-                                                                           "1.weight": torch.zeros(2, 2)})
+        load_model_state(
+            nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)),
+            {"0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(2), "1.weight": torch.zeros(2, 2)},
+        )
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_taskset
+
 from virtnet.api import task_specs
 from virtnet.backbones.registry import BackboneConfig
 from virtnet.data.core import AugmentSpec
 from virtnet.methods import Phase, make_method
 from virtnet.methods.baselines import Joint
-from virtnet.train import Trainer, TrainConfig, evaluate, lr_factor
+from virtnet.train import TrainConfig, Trainer, evaluate, lr_factor
 
 BACKBONE = BackboneConfig(name="resnet", depth=8, width=0.5, feature_size=8)
 
@@ -92,8 +92,9 @@ def test_resume_ends_with_the_same_weights(tmp_path, every_steps, stop_at):
     with pytest.raises(Interrupt):
         Trainer(method, model, ts, train_cfg, 0, tmp_path / "cut", {}, log=lambda s: None).fit()
     _, fresh = build("joint", ts, seed=123)  # other initial weights: everything must come from the checkpoint
-    resumed = fit("joint", ts, train_cfg, out=tmp_path / "cut", resume=True, method=make_method("joint"),
-                  model=fresh)
+    resumed = fit(
+        "joint", ts, train_cfg, out=tmp_path / "cut", resume=True, method=make_method("joint"), model=fresh
+    )
     assert_same_state(ref, resumed)
 
 
@@ -122,7 +123,9 @@ def test_feature_extraction_leaves_the_trunk_and_its_statistics_untouched():
     ts = make_taskset()
     method, model = build("feature_extraction", ts)
     phases = method.phases(ts.names)
-    tr = Trainer(method, model, ts, cfg(epochs=1, weight_decay=0.1, momentum=0.9), 0, None, log=lambda s: None)
+    tr = Trainer(
+        method, model, ts, cfg(epochs=1, weight_decay=0.1, momentum=0.9), 0, None, log=lambda s: None
+    )
     # run the first phase, snapshot, then the second
     tr._run_phase(phases[0], None)
     trunk_before = {k: v.clone() for k, v in model.trunk.state_dict().items()}
@@ -177,7 +180,8 @@ def test_individual_networks_share_nothing():
 def test_schedules_by_hand():
     c = TrainConfig(schedule="step", milestones=[0.5, 0.75], gamma=0.1)
     assert [lr_factor(c, s, 100, 10) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx(
-        [1, 1, 0.1, 0.1, 0.01, 0.01])
+        [1, 1, 0.1, 0.1, 0.01, 0.01]
+    )
     c = TrainConfig(schedule="cosine")
     assert lr_factor(c, 0, 100, 10) == pytest.approx(1.0)
     assert lr_factor(c, 50, 100, 10) == pytest.approx(0.5)

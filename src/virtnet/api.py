@@ -104,8 +104,17 @@ def train(
     import json
 
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    trainer = Trainer(method, model, taskset, cfg.train, cfg.seed, out, run_meta(cfg, specs, taskset),
-                      sampling=cfg.data.sampling, log=log)
+    trainer = Trainer(
+        method,
+        model,
+        taskset,
+        cfg.train,
+        cfg.seed,
+        out,
+        run_meta(cfg, specs, taskset),
+        sampling=cfg.data.sampling,
+        log=log,
+    )
     summary = trainer.fit(resume=resume)
     rows = evaluate(method, model, taskset, split="test")
     return Run(cfg, method, model, taskset, out, summary, rows)
@@ -153,8 +162,9 @@ def load(path: str | Path) -> Loaded:
     return Loaded(method, model, meta, specs, Path(ck.path))
 
 
-def evaluate_model(loaded: Loaded, taskset: TaskSet, split: str = "test", levels: str | list[int] = "all"
-                   ) -> list[dict[str, Any]]:
+def evaluate_model(
+    loaded: Loaded, taskset: TaskSet, split: str = "test", levels: str | list[int] = "all"
+) -> list[dict[str, Any]]:
     """Accuracy per (task, level) of a loaded model."""
     return evaluate(loaded.method, loaded.model, taskset, split=split, levels=levels)
 
@@ -169,23 +179,26 @@ def cost_rows(
 ) -> list[dict[str, Any]]:
     """Parameters, FLOPs, bytes and latency of every (task, level), from each level's exported network.
 
-    ``density`` is the level's parameters over the task's largest level's.
+    ``density`` is the level's parameters over the task's largest level's (a fraction).
     """
-    from virtnet.cost import cost_of
+    from virtnet.cost import level_costs
 
     rows = []
     for spec in loaded.specs:
         shape = (spec.in_channels, spec.input_size, spec.input_size)
-        task_rows = []
-        for lv in loaded.method.levels(loaded.model, spec.name):
-            net = loaded.method.export(loaded.model, spec.name, lv.index)
-            c = cost_of(net, shape, shared_prefixes=loaded.method.shared_prefixes(), latency=latency,
-                        threads=threads, batch_sizes=batch_sizes, warmup=warmup, repeats=repeats)
-            task_rows.append({"task": spec.name, "level": lv.index, "level_name": lv.name, **c})
-        top = task_rows[-1]["params"]
-        for r in task_rows:
-            r["density"] = 100.0 * r["params"] / top
-        rows.extend(task_rows)
+        rows.extend(
+            level_costs(
+                loaded.method,
+                loaded.model,
+                spec.name,
+                shape,
+                latency=latency,
+                threads=threads,
+                batch_sizes=batch_sizes,
+                warmup=warmup,
+                repeats=repeats,
+            )
+        )
     return rows
 
 

@@ -44,8 +44,12 @@ def _set_override(d: dict[str, Any], assignment: str) -> None:
     cur[parts[-1]] = yaml.safe_load(value)
 
 
-def load_run_config(path: str | Path, overrides: Sequence[str] = (), data_root: str | None = None,
-                    output_dir: str | None = None) -> Any:
+def load_run_config(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    data_root: str | None = None,
+    output_dir: str | None = None,
+) -> Any:
     from virtnet.config import RunConfig, read_config_file
 
     raw = read_config_file(path)
@@ -61,8 +65,10 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = (), data_root: 
 def _fmt(v: Any, key: str) -> str:
     if v is None:
         return "-"
-    if key in ("accuracy", "density"):
+    if key == "accuracy":
         return f"{v:.2f}"
+    if key == "density":
+        return f"{100 * v:.1f}"
     if key.startswith("latency"):
         return f"{v:.3f}"
     if key in ("params", "flops") and isinstance(v, (int, float)):
@@ -78,8 +84,9 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]] = TABLE_COL
     return "\n".join(lines)
 
 
-def _eval_rows(ckpt: str, data_root: str | None, split: str, latency: bool, threads: int,
-               repeats: int) -> tuple[Any, list[dict[str, Any]]]:
+def _eval_rows(
+    ckpt: str, data_root: str | None, split: str, latency: bool, threads: int, repeats: int
+) -> tuple[Any, list[dict[str, Any]]]:
     from virtnet import api
 
     loaded = api.load(ckpt)
@@ -103,19 +110,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from virtnet import api
 
-    loaded, rows = _eval_rows(args.checkpoint, args.data_root, args.split, not args.no_latency, args.threads,
-                              args.repeats)
+    loaded, rows = _eval_rows(
+        args.checkpoint, args.data_root, args.split, not args.no_latency, args.threads, args.repeats
+    )
     total = api.total_parameters(loaded.model)
     if args.plot:
         from virtnet.cost import plot_accuracy_vs_density
 
         plot_accuracy_vs_density([{**r, "method": loaded.meta.get("method", "")} for r in rows], args.plot)
     if args.json:
-        print(json.dumps({"checkpoint": str(loaded.path), "method": loaded.meta.get("method"), "split": args.split,
-                          "total_params": total, "rows": rows}, indent=2, default=float))
+        print(
+            json.dumps(
+                {
+                    "checkpoint": str(loaded.path),
+                    "method": loaded.meta.get("method"),
+                    "split": args.split,
+                    "total_params": total,
+                    "rows": rows,
+                },
+                indent=2,
+                default=float,
+            )
+        )
     else:
-        print(f"{loaded.meta.get('method')} on {', '.join(s.name for s in loaded.specs)} "
-              f"({args.split} split); total parameters {total:,}")
+        print(
+            f"{loaded.meta.get('method')} on {', '.join(s.name for s in loaded.specs)} "
+            f"({args.split} split); total parameters {total:,}"
+        )
         print(table(rows))
         if args.plot:
             print(f"plot: {args.plot}")
@@ -142,7 +163,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"checkpoint: {info['checkpoint']}")
         print(f"method: {info['method']}; total parameters {info['total_params']:,}")
         for s in loaded.specs:
-            print(f"task {s.name}: input {s.in_channels}x{s.input_size}x{s.input_size}, {s.num_outputs} outputs")
+            print(
+                f"task {s.name}: input {s.in_channels}x{s.input_size}x{s.input_size}, {s.num_outputs} outputs"
+            )
         print(table(rows))
     return 0
 
@@ -164,8 +187,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     acc = api.evaluate_model(loaded, run.taskset)
     rows = api.merge_rows(acc, api.cost_rows(loaded, latency=True, threads=args.threads, repeats=10))
     plot = Path(out) / "accuracy_vs_density.png"
-    plot_accuracy_vs_density([{**r, "method": cfg.method.name} for r in rows], plot,
-                             title="virtnet demo: accuracy against parameter density")
+    plot_accuracy_vs_density(
+        [{**r, "method": cfg.method.name} for r in rows],
+        plot,
+        title="virtnet demo: accuracy against parameter density",
+    )
     (Path(out) / "demo.json").write_text(json.dumps({"rows": rows}, indent=2, default=float) + "\n")
     print(f"\ntotal parameters of the model: {api.total_parameters(loaded.model):,}")
     print(table(rows))

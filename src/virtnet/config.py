@@ -136,8 +136,17 @@ class RunConfig:
 
     TOP_KEYS = ("seed", "output_dir", "data", "model", "method", "train", "cost")
 
-    def __init__(self, seed: int, output_dir: str, data: Any, model: Any, method: MethodSection,
-                 train: Any, cost: CostConfig, raw: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        seed: int,
+        output_dir: str,
+        data: Any,
+        model: Any,
+        method: MethodSection,
+        train: Any,
+        cost: CostConfig,
+        raw: dict[str, Any],
+    ) -> None:
         self.seed = seed
         self.output_dir = output_dir
         self.data = data

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from torch import nn
 from virtnet.errors import ConfigError, DataError, TaskError
 from virtnet.nn import BatchNorm1d, BatchNorm2d, Conv2d, Linear, Route, Routed, UnitPartition, call
 from virtnet.nn.layers import _RoutedBatchNorm, _Sliced
+
+if TYPE_CHECKING:
+    from virtnet.backbones.registry import BackboneConfig
 
 Partitions = tuple[UnitPartition, UnitPartition]
 """The unit partitions of a trunk's input channels and of its output features."""
@@ -73,8 +76,17 @@ class Stem(nn.Module, Routed):
         max_pool: ImageNet-style 3x3 stride-2 max-pool after the ReLU (when the input is large enough).
     """
 
-    def __init__(self, in_channels: int, input_size: int, out_channels: int, target_size: int,
-                 kernel: int = 3, norm: bool = True, relu: bool = True, max_pool: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        input_size: int,
+        out_channels: int,
+        target_size: int,
+        kernel: int = 3,
+        norm: bool = True,
+        relu: bool = True,
+        max_pool: bool = False,
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.input_size = input_size
@@ -143,7 +155,7 @@ class Backbone(nn.Module, Routed):
         return None
 
     @classmethod
-    def from_config(cls, cfg: Any, feature_size: int) -> Backbone:  # pragma: no cover
+    def from_config(cls, cfg: BackboneConfig, feature_size: int) -> Backbone:  # pragma: no cover
         """Build from a :class:`~virtnet.backbones.registry.BackboneConfig` for ``feature_size`` inputs."""
         raise NotImplementedError
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from virtnet.backbones.base import TaskNet, TaskSpec
+from virtnet.backbones.base import TaskSpec
 from virtnet.data.core import Batch
 from virtnet.errors import BudgetError, ConfigError, TaskError
 from virtnet.nn import Route
@@ -107,7 +107,9 @@ class Method:
     def phases(self, tasks: list[str]) -> list[Phase]:
         return [Phase("joint", list(tasks), 0)]
 
-    def training_step(self, model: nn.Module, batches: dict[str, Batch], phase: Phase) -> dict[str, torch.Tensor]:
+    def training_step(
+        self, model: nn.Module, batches: dict[str, Batch], phase: Phase
+    ) -> dict[str, torch.Tensor]:
         """Losses of one step: ``{"loss": total, "loss/<task>": ...}``."""
         out: dict[str, torch.Tensor] = {}
         total = None

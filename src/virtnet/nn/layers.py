@@ -77,6 +77,8 @@ class _Sliced(Routed):
         ii, oi = self._indices(route)
         if ii is None and oi is None:
             return weight, bias
+        ii = None if ii is None else ii.to(weight.device)  # partitions cache CPU indices
+        oi = None if oi is None else oi.to(weight.device)
         assert route is not None and route.units is not None
         cacheable = not torch.is_grad_enabled()
         version = weight._version + (0 if bias is None else bias._version)
@@ -148,7 +150,7 @@ class _RoutedBatchNorm(Routed):
         if p is None or route is None or p.covers_all(route.units):
             return super().forward(x)  # type: ignore[misc]
         assert route.units is not None
-        idx = p.indices(route.units)
+        idx = p.indices(route.units).to(x.device)
         bn: nn.modules.batchnorm._BatchNorm = self  # type: ignore[assignment]
         training = bn.training or bn.running_mean is None
         rm = None if bn.running_mean is None else bn.running_mean.index_select(0, idx)

@@ -104,7 +104,9 @@ def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     return tensors, {"param_groups": groups, "state": plain_state}
 
 
-def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def optimizer_from_flat(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
     """Restore an optimizer from :func:`optimizer_to_flat`'s two halves."""
     state: dict[int, dict[str, Any]] = {}
     for key, t in tensors.items():
@@ -165,7 +167,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """The JSON sidecar of a checkpoint (validated: format and version)."""
     _, jpath = checkpoint_paths(path)
     if not jpath.is_file():
-        raise CheckpointError(f"{jpath}: checkpoint metadata not found (expected <name>.json beside <name>.safetensors)")
+        raise CheckpointError(
+            f"{jpath}: checkpoint metadata not found (expected <name>.json beside <name>.safetensors)"
+        )
     try:
         meta = json.loads(jpath.read_text())
     except json.JSONDecodeError as e:
@@ -197,12 +201,14 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
         tensors = load_file(str(tpath))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{tpath}: unreadable safetensors file: {e}") from None
-    model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    model_state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     optim = {k: v for k, v in tensors.items() if k.startswith("optim/")}
     return Checkpoint(meta, model_state, optim, tensors.get("rng/torch"), jpath)
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_model_state(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
     """``model.load_state_dict(state, strict=True)`` with a one-line CheckpointError on any mismatch."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -214,8 +220,9 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensors (e.g. '{unexpected[0]}')")
         raise CheckpointError(f"{source}: saved for a different network: {'; '.join(parts)}")
-    for k, v in state.items():
-        if own[k].shape != v.shape:
+    for k, t in own.items():  # in the model's order, so the first mismatching layer is named
+        v = state[k]
+        if t.shape != v.shape:
             raise CheckpointError(
                 f"{source}: saved for a different network: '{k}' has shape {tuple(v.shape)}, "
                 f"the model expects {tuple(own[k].shape)}"

@@ -143,7 +143,11 @@ class Trainer:
     def _fit(self, resume: bool) -> dict[str, Any]:
         phases = self.method.phases(self.taskset.names)
         ckpt = None
-        if resume and self.last_checkpoint is not None and checkpoint_paths(self.last_checkpoint)[1].is_file():
+        if (
+            resume
+            and self.last_checkpoint is not None
+            and checkpoint_paths(self.last_checkpoint)[1].is_file()
+        ):
             ckpt = load_checkpoint(self.last_checkpoint)
             self.state = LoopState(**ckpt.meta["state"])
             self.log(
@@ -193,8 +197,14 @@ class Trainer:
             t0 = time.perf_counter()
             running: dict[str, torch.Tensor] = {}
             count = 0
-            bar = tqdm(total=steps, initial=start_step, disable=not show, leave=False,
-                       desc=f"{phase.name} {epoch + 1}/{cfg.epochs}", mininterval=0.5)
+            bar = tqdm(
+                total=steps,
+                initial=start_step,
+                disable=not show,
+                leave=False,
+                desc=f"{phase.name} {epoch + 1}/{cfg.epochs}",
+                mininterval=0.5,
+            )
             it = loader.iterate(phase.index * EPOCH_STRIDE + epoch, start_step=start_step)
             for step in range(start_step, steps):
                 batches = next(it)
@@ -213,14 +223,24 @@ class Trainer:
                 count += 1
                 bar.update(1)
                 if count == cfg.log_every or step == steps - 1:
-                    rec = {"event": "train", "phase": phase.name, "epoch": epoch, "step": step + 1,
-                           "global_step": self.state.global_step, "lr": opt.param_groups[0]["lr"]}
+                    rec = {
+                        "event": "train",
+                        "phase": phase.name,
+                        "epoch": epoch,
+                        "step": step + 1,
+                        "global_step": self.state.global_step,
+                        "lr": opt.param_groups[0]["lr"],
+                    }
                     rec.update({k: float(v) / count for k, v in running.items()})
                     self._write_metrics(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}")
                     running, count = {}, 0
-                if cfg.checkpoint_every_steps and self.state.global_step % cfg.checkpoint_every_steps == 0 \
-                        and step < steps - 1 and self.out_dir is not None:
+                if (
+                    cfg.checkpoint_every_steps
+                    and self.state.global_step % cfg.checkpoint_every_steps == 0
+                    and step < steps - 1
+                    and self.out_dir is not None
+                ):
                     self.state.epoch, self.state.step = epoch, step + 1
                     self._save(self.last_checkpoint, opt, rng=True)  # type: ignore[arg-type]
             bar.close()
@@ -232,12 +252,25 @@ class Trainer:
             if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last:
                 split = "val" if all(self.taskset[t].val is not None for t in phase.tasks) else "test"
                 rows = evaluate(self.method, model, self.taskset, split=split, tasks=phase.tasks)
-                self._write_metrics({"event": "eval", "phase": phase.name, "epoch": epoch + 1,
-                                     "global_step": self.state.global_step, "seconds": seconds, "rows": rows})
+                self._write_metrics(
+                    {
+                        "event": "eval",
+                        "phase": phase.name,
+                        "epoch": epoch + 1,
+                        "global_step": self.state.global_step,
+                        "seconds": seconds,
+                        "rows": rows,
+                    }
+                )
                 line += "  " + "  ".join(f"{r['task']}@{r['level']}: {r['accuracy']:.2f}%" for r in rows)
                 line += f" ({split})"
             self.log(line)
-            if self.out_dir is not None and not last and cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
+            if (
+                self.out_dir is not None
+                and not last
+                and cfg.checkpoint_every
+                and (epoch + 1) % cfg.checkpoint_every == 0
+            ):
                 self._save(self.last_checkpoint, opt, rng=False)  # type: ignore[arg-type]
         self.method.on_phase_end(model, phase)
         self.state = LoopState(phase.index + 1, 0, 0, self.state.global_step)

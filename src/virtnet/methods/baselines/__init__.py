@@ -4,8 +4,8 @@ feature extraction."""
 from virtnet.methods.baselines.methods import (
     FeatureExtraction,
     FineTune,
-    IndividualNets,
     Individual,
+    IndividualNets,
     Joint,
     load_matching,
 )

@@ -91,7 +91,9 @@ class Joint(Method):
     def build(self, specs: list[TaskSpec], backbone: Any) -> nn.Module:
         return build_multitask(backbone, specs, shared_stem=self.config.shared_stem)
 
-    def training_step(self, model: nn.Module, batches: dict[str, Batch], phase: Phase) -> dict[str, torch.Tensor]:
+    def training_step(
+        self, model: nn.Module, batches: dict[str, Batch], phase: Phase
+    ) -> dict[str, torch.Tensor]:
         weights = self.config.task_weights or {}
         out: dict[str, torch.Tensor] = {}
         total = None
@@ -122,8 +124,10 @@ def load_matching(model: nn.Module, path: str) -> list[str]:
     trunk_keys = [k for k in own if k.startswith("trunk.")]
     for k in trunk_keys:
         if k not in ck.model_state or ck.model_state[k].shape != own[k].shape:
-            raise CheckpointError(f"{path}: saved for a different network: its trunk has no tensor '{k}' of "
-                                  f"shape {tuple(own[k].shape)}")
+            raise CheckpointError(
+                f"{path}: saved for a different network: its trunk has no tensor '{k}' of "
+                f"shape {tuple(own[k].shape)}"
+            )
     copied = [k for k, v in ck.model_state.items() if k in own and own[k].shape == v.shape]
     model.load_state_dict({**own, **{k: ck.model_state[k] for k in copied}})
     return copied
@@ -179,7 +183,9 @@ class FeatureExtraction(_Sequential):
             params += list(model.stem(task).parameters())  # a new input shape needs its own input layer
         return [{"params": params}]
 
-    def training_step(self, model: nn.Module, batches: dict[str, Batch], phase: Phase) -> dict[str, torch.Tensor]:
+    def training_step(
+        self, model: nn.Module, batches: dict[str, Batch], phase: Phase
+    ) -> dict[str, torch.Tensor]:
         if self._frozen_trunk(phase):
             model.trunk.eval()  # frozen batch-norm statistics must not move either
             if model.shared_stem:

@@ -1,0 +1,378 @@
+"""Scenario builders and the data config, on synthetic data and small files written by the tests."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from virtnet.config import validate
+from virtnet.data import (
+    FASHION_MNIST_COARSE,
+    AugmentSpec,
+    DataConfig,
+    attribute_task,
+    build_taskset,
+    channel_stats,
+    coarse_fine,
+    datasets_as_tasks,
+    load_synthetic,
+    make_task,
+    split_classes,
+    stratified_take,
+)
+from virtnet.errors import ConfigError, DataError
+
+
+def synth(k: int = 6, n_train: int = 120, n_test: int = 60, seed: int = 0):  # noqa: ANN201
+    return load_synthetic(num_classes=k, num_train=n_train, num_test=n_test, size=5, seed=seed)
+
+
+def image_keys(images: torch.Tensor) -> list[bytes]:
+    return [img.numpy().tobytes() for img in images]
+
+
+def rows_of(sub: torch.Tensor, full: torch.Tensor) -> list[int]:
+    """Index in ``full`` of every image of ``sub`` (images are unique)."""
+    where = {k: i for i, k in enumerate(image_keys(full))}
+    return [where[k] for k in image_keys(sub)]
+
+
+def write_fake_fashion(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    folder = root / "fashion-mnist"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    out = []
+    for split, n in (("train", 40), ("t10k", 20)):
+        x = rng.integers(0, 256, size=(n, 4, 4), dtype=np.uint8)
+        y = (np.arange(n) % 10).astype(np.uint8)
+        for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
+            magic = (0x800 | arr.ndim).to_bytes(4, "big")
+            dims = b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+            (folder / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(magic + dims + arr.tobytes()))
+        out.append(y)
+    return out[0], out[1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_stratified_take_hand_computed() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    take, rest = stratified_take(labels, 3, torch.Generator().manual_seed(0))
+    # class 0: 3*3//6 = 1 (rem 3), class 1: 3*2//6 = 1 (rem 0), class 2: 3*1//6 = 0 (rem 3)
+    # the extra pick goes to the largest remainder, ties to the smaller label: class 0
+    assert torch.bincount(labels[take], minlength=3).tolist() == [2, 1, 0]
+    assert sorted(take.tolist() + rest.tolist()) == list(range(6))
+    assert take.tolist() == sorted(take.tolist())
+
+
+def test_channel_stats_hand_computed() -> None:
+    img = torch.tensor([[[[0, 255], [255, 255]], [[51, 51], [51, 51]]]], dtype=torch.uint8)  # (1, 2, 2, 2)
+    img[0, 1, 0, 0] = 102
+    mean, std = channel_stats(img)
+    assert mean[0] == pytest.approx(0.75) and std[0] == pytest.approx(0.1875**0.5)
+    # channel 1: values 0.4, 0.2, 0.2, 0.2 -> mean 0.25, var 0.0075
+    assert mean[1] == pytest.approx(0.25) and std[1] == pytest.approx(0.0075**0.5)
+    with pytest.raises(DataError, match="channel 0 is constant"):
+        channel_stats(torch.zeros(2, 1, 2, 2, dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------------------------------
+# split classes
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_split_classes_equal_splits_exact_labels() -> None:
+    d = synth()
+    ts = split_classes(d, num_tasks=3)
+    assert ts.names == ["synthetic_0", "synthetic_1", "synthetic_2"]
+    for i, t in enumerate(ts):
+        assert t.num_outputs == 2 and t.class_names == [f"class{2 * i}", f"class{2 * i + 1}"]
+        keep = (d.train.labels == 2 * i) | (d.train.labels == 2 * i + 1)
+        assert torch.equal(t.train.images, d.train.images[keep])
+        assert torch.equal(t.train.labels, d.train.labels[keep] - 2 * i)
+        keep_te = (d.test.labels == 2 * i) | (d.test.labels == 2 * i + 1)
+        assert torch.equal(t.test.labels, d.test.labels[keep_te] - 2 * i)
+
+
+def test_split_classes_explicit_order_remaps_labels() -> None:
+    d = synth()
+    ts = split_classes(d, splits=[[5, 1], [0, 2, 3]], prefix="s")
+    assert ts.names == ["s_0", "s_1"]
+    t0, t1 = ts[0], ts[1]
+    src = d.train.labels[rows_of(t0.train.images, d.train.images)]
+    assert torch.equal(t0.train.labels, torch.where(src == 5, 0, 1))
+    assert t0.class_names == ["class5", "class1"]
+    src1 = d.test.labels[rows_of(t1.test.images, d.test.images)]
+    lut = {0: 0, 2: 1, 3: 2}
+    assert t1.test.labels.tolist() == [lut[int(c)] for c in src1]
+    with pytest.raises(ConfigError, match=r"split_classes.splits\[1\]: class 1 is already in splits\[0\]"):
+        split_classes(d, splits=[[0, 1], [1, 2]])
+    with pytest.raises(ConfigError, match="4 does not divide the 6 classes of synthetic"):
+        split_classes(d, num_tasks=4)
+
+
+def test_no_image_shared_between_splits() -> None:
+    d = synth(k=4, n_train=200, n_test=80)
+    assert len(set(image_keys(torch.cat([d.train.images, d.test.images])))) == 280  # no duplicates
+    ts = split_classes(d, num_tasks=2, val_fraction=0.25, train_size=80, test_size=30, seed=3)
+    for t in ts:
+        assert t.val is not None
+        tr, va, te = (set(image_keys(s.images)) for s in (t.train, t.val, t.test))
+        assert len(tr) == len(t.train) and tr.isdisjoint(va) and tr.isdisjoint(te) and va.isdisjoint(te)
+        assert tr | va <= set(image_keys(d.train.images)) and te <= set(image_keys(d.test.images))
+
+
+def test_subsampling_sizes_are_exact_and_stratified() -> None:
+    d = synth(k=6, n_train=120, n_test=60)
+    t = make_task("t", d, train_size=30, test_size=12, val_fraction=0.2, seed=1)
+    assert len(t.train) + len(t.val or []) == 30 and len(t.val or []) == 6 and len(t.test) == 12
+    full = torch.cat([t.train.labels, t.val.labels])  # type: ignore[union-attr]
+    assert torch.bincount(full, minlength=6).tolist() == [5] * 6
+    assert torch.bincount(t.val.labels, minlength=6).tolist() == [1] * 6  # type: ignore[union-attr]
+    assert torch.bincount(t.test.labels, minlength=6).tolist() == [2] * 6
+    again = make_task("t", d, train_size=30, test_size=12, val_fraction=0.2, seed=1)
+    assert torch.equal(again.train.images, t.train.images)
+    other = make_task("t", d, train_size=30, seed=2)
+    assert not torch.equal(other.train.images, torch.cat([t.train.images, t.val.images]))  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match=r"task 't': train_size: 500 > the 120 train images"):
+        make_task("t", d, train_size=500)
+
+
+def test_task_mean_std_from_final_train_images() -> None:
+    d = synth()
+    t = make_task("t", d, classes=[1, 2], val_fraction=0.5, augment=AugmentSpec(2, True))
+    x = t.train.images.double() / 255
+    assert t.mean[0] == pytest.approx(float(x.mean()))
+    assert t.std[0] == pytest.approx(float(x.std(unbiased=False)))
+    assert t.augment == AugmentSpec(2, True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# coarse / fine, label maps, attributes
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_label_map_coarse_grouping() -> None:
+    d = load_synthetic(num_classes=10, num_train=100, num_test=50, size=4)
+    t = make_task("g", d, label_map=FASHION_MNIST_COARSE)
+    assert t.num_outputs == 4
+    expect = [FASHION_MNIST_COARSE[int(c)] for c in d.train.labels]
+    assert t.train.labels.tolist() == expect
+    assert t.class_names[2] == "class5+class7+class9"
+    with pytest.raises(ConfigError, match=r"label_map: does not cover class 9"):
+        make_task("g", d, label_map={c: 0 if c < 5 else 1 for c in range(9)})
+    with pytest.raises(
+        ConfigError, match=r"label_map: new labels must be 0..m-1 with none unused, got \[0, 2\]"
+    ):
+        make_task("g", d, classes=[0, 1], label_map={0: 0, 1: 2})
+
+
+def test_fashion_coarse_fine_tasks(tmp_path: Path) -> None:
+    ytr, yte = write_fake_fashion(tmp_path)
+    cfg = DataConfig.model_validate(
+        {"root": str(tmp_path), "scenario": {"kind": "coarse_fine", "dataset": "fashion_mnist"}}
+    )
+    ts = build_taskset(cfg, seed=0)
+    assert ts.names == ["fashion_mnist_coarse", "fashion_mnist_fine"]
+    coarse, fine = ts[0], ts[1]
+    assert coarse.num_outputs == 4 and fine.num_outputs == 10
+    group = {0: 0, 2: 0, 4: 0, 6: 0, 1: 1, 3: 1, 5: 2, 7: 2, 9: 2, 8: 3}
+    assert coarse.train.labels.tolist() == [group[int(c)] for c in ytr]
+    assert fine.test.labels.tolist() == yte.tolist()
+    assert torch.equal(coarse.train.images, fine.train.images)
+
+
+def test_coarse_fine_same_images_when_subsampled(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    fine = np.arange(200) % 100
+    coarse_of = np.arange(100) % 20
+    for split, n in (("train", 200), ("test", 100)):
+        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": fine[:n].tolist()}
+        d[b"coarse_labels"] = coarse_of[fine[:n]].tolist()
+        (folder / split).write_bytes(pickle.dumps(d, protocol=2))
+    meta = {
+        b"fine_label_names": [b"f%d" % i for i in range(100)],
+        b"coarse_label_names": [b"c%d" % i for i in range(20)],
+    }
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    from virtnet.data import load_cifar100
+
+    ts = coarse_fine(load_cifar100(tmp_path), train_size=100, val_fraction=0.2, seed=7)
+    c, f = ts[0], ts[1]
+    assert c.num_outputs == 20 and f.num_outputs == 100
+    assert torch.equal(c.train.images, f.train.images) and len(c.train) == 80
+    assert torch.equal(c.val.images, f.val.images)  # type: ignore[union-attr]
+    assert torch.equal(c.train.labels, torch.from_numpy(coarse_of)[f.train.labels])
+
+
+def test_attribute_task_labels_and_mask() -> None:
+    d = synth(k=4, n_train=40, n_test=20)
+    attrs = {"even": [0, 2], "three": {"positive": [3], "labelled": [2, 3]}}
+    ts = attribute_task(d, attrs)
+    t = ts[0]
+    assert t.name == "synthetic_attributes" and t.kind == "multilabel" and t.num_outputs == 2
+    assert t.class_names == ["even", "three"]
+    src = d.train.labels
+    assert t.train.labels.dtype == torch.float32 and t.train.labels.shape == (40, 2)
+    assert t.train.labels[:, 0].tolist() == [1.0 if int(c) in (0, 2) else 0.0 for c in src]
+    assert t.train.labels[:, 1].tolist() == [1.0 if int(c) == 3 else 0.0 for c in src]
+    assert t.train.mask is not None and t.train.mask.dtype == torch.bool
+    assert t.train.mask[:, 0].all()
+    assert t.train.mask[:, 1].tolist() == [int(c) in (2, 3) for c in src]
+    # every label known -> no mask
+    assert attribute_task(d, {"even": [0, 2]})[0].train.mask is None
+    with pytest.raises(
+        ConfigError, match=r"attributes.three.positive: class 3 is positive but not in labelled"
+    ):
+        attribute_task(d, {"three": {"positive": [3], "labelled": [2]}})
+
+
+def test_datasets_as_tasks_mixed_shapes() -> None:
+    a = load_synthetic(num_classes=3, channels=1, size=4, num_train=30, num_test=9)
+    b = load_synthetic(num_classes=5, channels=3, size=6, num_train=50, num_test=10, seed=1)
+    ts = datasets_as_tasks({"gray": a, "color": b})
+    assert ts.names == ["gray", "color"]
+    assert ts["gray"].input_shape == (1, 4, 4) and ts["color"].input_shape == (3, 6, 6)
+    assert len(ts["color"].mean) == 3 and ts["color"].num_outputs == 5
+
+
+# ------------------------------------------------------------------------------------------------------
+# config
+# ------------------------------------------------------------------------------------------------------
+
+
+def bad(cfg: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        validate(DataConfig, cfg, "data", "run.yaml")
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_config_errors_name_the_key() -> None:
+    t = {"dataset": "fashion_mnist"}
+    assert bad({"tasks": [t, {"dataset": "fashion_mnist", "name": "f2", "classes": [1, 12]}]}) == (
+        "run.yaml: data.tasks[1].classes: class 12 does not exist in fashion_mnist (10 classes)"
+    )
+    assert (
+        bad({"tasks": [{"dataset": "mnist", "colour": 1}]}) == "run.yaml: data.tasks[0].colour: unknown key"
+    )
+    assert bad({"tasks": [t], "shuffle": True}) == "run.yaml: data.shuffle: unknown key"
+    assert bad({"tasks": [{"dataset": "svhn"}]}) == (
+        "run.yaml: data.tasks[0].dataset: unknown dataset 'svhn' (known: cifar10, cifar100, digits, "
+        "fashion_mnist, folder, kmnist, kmnist10k, mnist, npz, synthetic)"
+    )
+    assert bad({"tasks": []}) == "run.yaml: data.tasks: no tasks: give data.scenario or data.tasks"
+    assert bad({"tasks": [t, t]}) == (
+        "run.yaml: data.tasks: task name 'fashion_mnist' is used twice (tasks[0] and tasks[1]); "
+        "set distinct names"
+    )
+    assert bad({"tasks": [{"dataset": "mnist", "classes": [0, 1, 2], "label_map": {0: 0, 1: 1}}]}) == (
+        "run.yaml: data.tasks[0].label_map: does not cover class 2 (selected classes: [0, 1, 2])"
+    )
+    assert bad({"tasks": [{"dataset": "mnist", "label": "coarse"}]}).startswith(
+        "run.yaml: data.tasks[0].label: mnist has no coarse labels"
+    )
+    assert bad({"tasks": [{"dataset": "mnist", "options": {"size": 3}}]}) == (
+        "run.yaml: data.tasks[0].options: unknown option 'size' for dataset mnist (options: none)"
+    )
+    assert bad({"tasks": [{"dataset": "mnist", "name": "a.b"}]}).startswith(
+        "run.yaml: data.tasks[0].name: task name 'a.b' must match"
+    )
+    assert bad({"tasks": [{"dataset": "mnist", "attributes": {"round": [0, 12]}}]}) == (
+        "run.yaml: data.tasks[0].attributes: round.positive: class 12 does not exist in mnist (10 classes)"
+    )
+    assert bad({"scenario": {"kind": "split_classes", "dataset": "digits", "num_tasks": 3}}) == (
+        "run.yaml: data.scenario.num_tasks: 3 does not divide the 10 classes of digits "
+        "(give splits explicitly)"
+    )
+    assert bad({"scenario": {"kind": "split_classes", "dataset": "digits"}}) == (
+        "run.yaml: data.scenario.splits: give exactly one of num_tasks and splits"
+    )
+    assert bad({"scenario": {"kind": "coarse_fine", "dataset": "cifar100", "num_tasks": 2}}) == (
+        "run.yaml: data.scenario.num_tasks: not used by kind coarse_fine (used by: split_classes)"
+    )
+    assert (
+        bad(
+            {
+                "scenario": {"kind": "split_classes", "dataset": "digits", "num_tasks": 2},
+                "tasks": [{"dataset": "digits", "name": "digits_1"}],
+            }
+        )
+        == "run.yaml: data.tasks: task name 'digits_1' is used twice (scenario and tasks[0]); "
+        "set distinct names"
+    )
+
+
+def test_config_split_classes_builds_exact_tasks() -> None:
+    cfg = validate(
+        DataConfig,
+        {
+            "sampling": "round_robin",
+            "scenario": {
+                "kind": "split_classes",
+                "dataset": "synthetic",
+                "options": {"num_classes": 4},
+                "splits": [[3, 0], [1, 2]],
+                "val_fraction": 0.1,
+                "augment": {"crop_padding": 1},
+            },
+            "tasks": [
+                {
+                    "name": "extra",
+                    "dataset": "synthetic",
+                    "options": {"num_classes": 4},
+                    "classes": [2],
+                    "label_map": {2: 0},
+                    "train_size": 10,
+                }
+            ],
+        },
+    )
+    ts = build_taskset(cfg, seed=0)
+    assert ts.names == ["synthetic_0", "synthetic_1", "extra"] and cfg.sampling == "round_robin"
+    d = load_synthetic(num_classes=4)
+    t0 = ts[0]
+    keep = (d.test.labels == 3) | (d.test.labels == 0)
+    assert torch.equal(t0.test.images, d.test.images[keep])
+    assert t0.test.labels.tolist() == [0 if int(c) == 3 else 1 for c in d.test.labels[keep]]
+    assert t0.augment == AugmentSpec(crop_padding=1) and t0.val is not None and len(t0.val) == 10
+    assert len(ts["extra"].train) == 10 and ts["extra"].num_outputs == 1
+    # same seed, same task set
+    again = build_taskset(cfg, seed=0)
+    assert torch.equal(again[0].train.images, t0.train.images)
+
+
+def test_config_class_checked_at_build_for_folder_datasets(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(np.full((3, 3), 10 if c == "a" else 200, np.uint8)).save(
+                tmp_path / split / c / "0.png"
+            )
+    cfg = validate(
+        DataConfig, {"root": str(tmp_path), "tasks": [{"dataset": "folder", "classes": [0, 5]}]}, "data"
+    )
+    with pytest.raises(
+        ConfigError, match=r"^data.tasks\[0\].classes: class 5 does not exist in folder \(2 classes\)$"
+    ):
+        build_taskset(cfg, 0)
+    cfg = validate(
+        DataConfig, {"tasks": [{"dataset": "folder", "root": str(tmp_path), "options": {"channels": 2}}]}
+    )
+    with pytest.raises(ConfigError, match=r"^data.tasks\[0\].options: channels must be 1 or 3, got 2$"):
+        build_taskset(cfg, 0)
+    ok = validate(DataConfig, {"tasks": [{"dataset": "folder", "root": str(tmp_path), "classes": [1, 0]}]})
+    t = build_taskset(ok, 0)[0]
+    assert t.train.labels.tolist() == [1, 0] and t.class_names == ["b", "a"]
