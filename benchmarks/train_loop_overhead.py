@@ -88,12 +88,17 @@ def main() -> None:
     loader = MultiTaskLoader(taskset, args.batch_size, args.seed, sampling="all", augment=True)
     plain, shared = [], []
     for r in range(args.rounds):
-        method, model = api.build(cfg, specs)
-        plain.append(plain_steps(model, loader, args.steps, 0.05))
-        method, model = api.build(cfg, specs)
-        tr = Trainer(method, model, taskset, cfg.train, args.seed, None, sampling="all", log=lambda s: None)
-        tr.fit()
-        shared.append(tr.epoch_seconds[0] / args.steps)
+        # alternate which loop runs first, so warm-up and drift favour neither
+        for which in ("plain", "shared") if r % 2 == 0 else ("shared", "plain"):
+            method, model = api.build(cfg, specs)
+            if which == "plain":
+                plain.append(plain_steps(model, loader, args.steps, 0.05))
+            else:
+                tr = Trainer(
+                    method, model, taskset, cfg.train, args.seed, None, sampling="all", log=lambda s: None
+                )
+                tr.fit()
+                shared.append(tr.epoch_seconds[0] / args.steps)
         print(
             f"round {r}: plain {plain[-1] * 1e3:.1f} ms/step, shared loop {shared[-1] * 1e3:.1f} ms/step",
             flush=True,

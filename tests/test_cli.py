@@ -76,6 +76,15 @@ def test_train_eval_info_round_trip(tmp_path, capsys):
         assert r["params"] == r["shared_params"] + r["task_params"]
     assert (tmp_path / "p.png").stat().st_size > 0
 
+    stem = tmp_path / "report"
+    assert main(["eval", str(run / "model.json"), "--no-latency", "--report", str(stem)]) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["seed"] == 0 and "command" in rep and len(rep["rows"]) == 2
+    assert {"method", "scenario", "task", "level", "accuracy", "params", "flops"} <= set(rep["rows"][0])
+    assert (tmp_path / "report.csv").read_text().count("\n") == 3
+    assert (tmp_path / "report.md").is_file()
+    capsys.readouterr()
+
     assert main(["info", str(run / "model.json"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [t["name"] for t in info["tasks"]] == ["a", "b"]
@@ -158,3 +167,26 @@ def test_demo_runs_end_to_end_quickly(tmp_path, capsys):
     assert (tmp_path / "demo" / "accuracy_vs_density.png").stat().st_size > 0
     rows = json.loads((tmp_path / "demo" / "demo.json").read_text())["rows"]
     assert len(rows) >= 2
+
+
+def test_sequence_matrix_after_each_added_task(tmp_path, capsys):
+    cfg = {**CONFIG, "output_dir": str(tmp_path / "seq"), "method": {"name": "finetune"}}
+    assert main(["train", str(write(tmp_path, cfg))]) == 0
+    for k in (0, 1):
+        assert (tmp_path / "seq" / "checkpoints" / f"phase-{k}.json").is_file()
+    capsys.readouterr()
+    png = tmp_path / "m.png"
+    assert (
+        main(["eval", str(tmp_path / "seq" / "model.json"), "--sequence", "--json", "--plot", str(png)]) == 0
+    )
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    # after task a: only a is evaluated; after task b: a and b
+    assert [(r["after_task"], r["task"]) for r in rows] == [("a", "a"), ("b", "a"), ("b", "b")]
+    for r in rows:
+        assert r["error"] == pytest.approx(100 - r["accuracy"])
+    assert png.stat().st_size > 0
+    assert main(["eval", str(tmp_path / "seq" / "model.json"), "--sequence"]) == 0
+    out = capsys.readouterr().out
+    assert "| after adding | a error (%) | b error (%) |" in out
+    first = [line for line in out.splitlines() if line.startswith("| a |")][0]
+    assert first.endswith("| - |")  # task b is not learned yet after adding a

@@ -196,3 +196,18 @@ def test_unknown_phase_task_fails_clearly():
 
     with pytest.raises(TaskError, match="unknown task 'nope'"):
         Trainer(method, model, ts, cfg(), 0, None, log=lambda s: None)._run_phase(Phase("x", ["nope"]), None)
+
+
+def test_input_of_the_wrong_shape_for_its_task_is_refused():
+    from virtnet.errors import DataError
+
+    ts = make_taskset(shapes=((1, 8), (3, 12)))
+    method, model = build("joint", ts)
+    model.eval()
+    assert method.predict(model, torch.zeros(2, 3, 12, 12), "t1").shape == (2, 3)
+    with pytest.raises(
+        DataError, match=r"task 't0': expected input of shape \(B, 1, 8, 8\), got \(2, 3, 8, 8\)"
+    ):
+        method.predict(model, torch.zeros(2, 3, 8, 8), "t0")
+    with pytest.raises(DataError, match="task 't1'"):
+        method.predict(model, torch.zeros(2, 3, 8, 8), "t1")

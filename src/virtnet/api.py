@@ -226,3 +226,44 @@ def merge_rows(acc_rows: list[dict[str, Any]], cost: list[dict[str, Any]]) -> li
 
 def read_config(path: str | Path) -> dict[str, Any]:
     return read_config_file(path)
+
+
+def run_dir_of(path: str | Path) -> Path:
+    """The run folder of a checkpoint (``RUN/model.json`` or ``RUN/checkpoints/<name>.json``)."""
+    p = Path(path).resolve()
+    parent = p.parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def sequence_rows(
+    path: str | Path, taskset: TaskSet | None = None, split: str = "test", data_root: str | None = None
+) -> list[dict[str, Any]]:
+    """Accuracy of every task learned so far after each phase (PackNet's Figure 2, LwF's forgetting).
+
+    Reads the run's per-phase checkpoints ``RUN/checkpoints/phase-<k>.json``; after phase k, every task of
+    phases 0..k is evaluated at its largest level. Rows: ``after_phase``, ``after_task`` (the tasks
+    added in that phase), ``task``, ``level``, ``accuracy``, ``error`` (%).
+    """
+    run = run_dir_of(path)
+    ckpts = sorted((run / "checkpoints").glob("phase-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    if not ckpts:
+        raise ConfigError(f"{run}: no per-phase checkpoints (checkpoints/phase-<k>.json) in this run")
+    rows: list[dict[str, Any]] = []
+    for ck in ckpts:
+        loaded = load(ck)
+        if taskset is None:
+            taskset = loaded.taskset(data_root)
+        k = int(ck.stem.split("-")[1])
+        phases = loaded.method.phases([s.name for s in loaded.specs])
+        learned = [t for ph in phases[: k + 1] for t in ph.tasks]
+        acc = evaluate(loaded.method, loaded.model, taskset, split=split, tasks=learned, levels="top")
+        for r in acc:
+            rows.append(
+                {
+                    "after_phase": k,
+                    "after_task": "+".join(phases[k].tasks),
+                    **r,
+                    "error": 100.0 - r["accuracy"],
+                }
+            )
+    return rows

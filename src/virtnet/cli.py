@@ -107,8 +107,58 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def sequence_table(rows: list[dict[str, Any]]) -> tuple[str, list[list[float | None]], list[str], list[str]]:
+    """Error (%) of every task (columns) after each added phase (rows), as in PackNet's Figure 2."""
+    after = list(dict.fromkeys(r["after_task"] for r in rows))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    cell = {(r["after_task"], r["task"]): r["error"] for r in rows}
+    matrix = [[cell.get((a, t)) for t in tasks] for a in after]
+    lines = [
+        "| after adding | " + " | ".join(f"{t} error (%)" for t in tasks) + " |",
+        "|" + "|".join("---" for _ in range(len(tasks) + 1)) + "|",
+    ]
+    for a, row in zip(after, matrix, strict=True):
+        lines.append(f"| {a} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row) + " |")
+    return "\n".join(lines), matrix, after, tasks
+
+
+def cmd_eval_sequence(args: argparse.Namespace) -> int:
+    from virtnet import api
+
+    rows = api.sequence_rows(args.checkpoint, split=args.split, data_root=args.data_root)
+    text, matrix, after, tasks = sequence_table(rows)
+    if args.plot:
+        from virtnet.cost import plot_error_matrix
+
+        plot_error_matrix(
+            matrix,
+            after,
+            tasks,
+            args.plot,
+            title="error (%) after adding each task",
+            xlabel="task",
+            ylabel="after adding",
+        )
+    if args.json:
+        print(
+            json.dumps(
+                {"run": str(api.run_dir_of(args.checkpoint)), "split": args.split, "rows": rows},
+                indent=2,
+                default=float,
+            )
+        )
+    else:
+        print(text)
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from virtnet import api
+
+    if args.sequence:
+        return cmd_eval_sequence(args)
 
     loaded, rows = _eval_rows(
         args.checkpoint, args.data_root, args.split, not args.no_latency, args.threads, args.repeats
@@ -118,6 +168,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from virtnet.cost import plot_accuracy_vs_density
 
         plot_accuracy_vs_density([{**r, "method": loaded.meta.get("method", "")} for r in rows], args.plot)
+    if args.report:
+        from virtnet.cost import write_report
+
+        scenario = "+".join(s.name for s in loaded.specs)
+        report_rows = [{"method": loaded.meta.get("method", ""), "scenario": scenario, **r} for r in rows]
+        meta = {
+            "command": "virtnet " + " ".join(sys.argv[1:]),
+            "seed": int(loaded.meta.get("seed", 0)),
+            "checkpoint": str(loaded.path),
+            "split": args.split,
+            "total_params": total,
+        }
+        write_report(report_rows, args.report, meta)
     if args.json:
         print(
             json.dumps(
@@ -220,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--repeats", type=int, default=20)
     e.add_argument("--plot", help="write an accuracy-against-density plot (PNG) here")
+    e.add_argument("--report", metavar="STEM", help="write STEM.json, STEM.csv and STEM.md")
+    e.add_argument(
+        "--sequence",
+        action="store_true",
+        help="error of every task learned so far after each added task (the run's per-phase checkpoints)",
+    )
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="tasks, budgets, parameters and FLOPs of a checkpoint")

@@ -276,3 +276,5 @@ class Trainer:
         self.state = LoopState(phase.index + 1, 0, 0, self.state.global_step)
         if self.out_dir is not None:
             self._save(self.last_checkpoint, None, rng=False)  # type: ignore[arg-type]
+            # one checkpoint per phase: the model as it was after learning this phase's tasks
+            self._save(self.out_dir / "checkpoints" / f"phase-{phase.index}", None, rng=False)
