@@ -1,6 +1,6 @@
 """Methods, one folder each, registered by name (see ``virtnet.methods.base``)."""
 
-from virtnet.methods import baselines  # noqa: F401  (registers the baselines)
+from virtnet.methods import adapters, baselines, dvn, packnet  # noqa: F401  (registers the methods)
 from virtnet.methods.base import (
     Level,
     Method,

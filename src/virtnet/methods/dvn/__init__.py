@@ -1,0 +1,1 @@
+"""dvn (being implemented)."""

@@ -1,0 +1,1 @@
+"""packnet (being implemented)."""
