@@ -61,7 +61,9 @@ class Phase:
         tasks: the tasks whose data this phase trains on (one batch of each per step, or one task per
             step depending on the loader's sampling).
         index: position of the phase in the method's list.
-        info: method-specific data (e.g. the tasks learned before this phase).
+        info: method-specific data (e.g. the tasks learned before this phase). The loop reads two keys:
+            ``epochs`` and ``lr`` override the ``train:`` section's for this phase (e.g. a warm-up or a
+            re-training phase at a small constant rate).
     """
 
     name: str

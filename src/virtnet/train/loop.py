@@ -10,9 +10,11 @@ every step are functions of ``(seed, phase, epoch, step)`` (see ``MultiTaskLoade
 weights on the CPU; and a run resumed from its last checkpoint ends with the same weights as one that
 was never stopped.
 
-Resume contract for methods: any state a method creates (teacher copies, masks, ownership maps) lives in
-the model's state dict, so checkpoints carry it. On a mid-phase resume ``on_phase_start`` runs first and
-the saved weights are loaded over its result; at a phase boundary the saved weights are loaded first.
+Resume contract for methods: ``on_phase_start`` always sees the weights its phase started with, also on
+resume (the loop reloads them from ``checkpoints/start`` or ``checkpoints/phase-<k-1>`` first), so a
+method may derive training-time state from them (a teacher snapshot for distillation) and keep it outside
+the model. State that must survive the phase (masks, ownership maps) lives in the model's state dict.
+On a mid-phase resume the mid-phase weights are loaded after ``on_phase_start``.
 """
 
 from __future__ import annotations
@@ -157,6 +159,13 @@ class Trainer:
             if self.state.epoch == 0 and self.state.step == 0:  # at a phase boundary
                 load_model_state(self.model, ckpt.model_state, str(ckpt.path))
                 ckpt = None
+            else:  # mid-phase: first the weights the phase started with, for on_phase_start
+                k = self.state.phase
+                start = self.out_dir / "checkpoints" / ("start" if k == 0 else f"phase-{k - 1}")  # type: ignore[operator]
+                first = load_checkpoint(start)
+                load_model_state(self.model, first.model_state, str(first.path))
+        elif self.out_dir is not None:
+            self._save(self.out_dir / "checkpoints" / "start", None, rng=False)
         for phase in phases[self.state.phase :]:
             self._run_phase(phase, ckpt)
             ckpt = None
@@ -181,13 +190,15 @@ class Trainer:
         steps = loader.steps_per_epoch()
         if cfg.max_steps_per_epoch is not None:
             steps = min(steps, cfg.max_steps_per_epoch)
-        total = steps * cfg.epochs
+        epochs = int(phase.info.get("epochs", cfg.epochs))  # a phase may override the epochs and lr
+        base_lr = float(phase.info.get("lr", cfg.lr))
+        total = steps * epochs
         opt = make_optimizer(self.method.param_groups(model, phase), cfg)
         if ckpt is not None and ckpt.meta.get("optimizer_phase") == phase.index and "optimizer" in ckpt.meta:
             optimizer_from_flat(opt, ckpt.optim_tensors, ckpt.meta["optimizer"])
         params = [p for g in opt.param_groups for p in g["params"]]
         show = cfg.progress and sys.stderr.isatty()
-        for epoch in range(self.state.epoch, cfg.epochs):
+        for epoch in range(self.state.epoch, epochs):
             start_step = self.state.step if epoch == self.state.epoch else 0
             if start_step > 0 and ckpt is not None and ckpt.rng_state is not None:
                 torch.set_rng_state(ckpt.rng_state)
@@ -202,13 +213,13 @@ class Trainer:
                 initial=start_step,
                 disable=not show,
                 leave=False,
-                desc=f"{phase.name} {epoch + 1}/{cfg.epochs}",
+                desc=f"{phase.name} {epoch + 1}/{epochs}",
                 mininterval=0.5,
             )
             it = loader.iterate(phase.index * EPOCH_STRIDE + epoch, start_step=start_step)
             for step in range(start_step, steps):
                 batches = next(it)
-                set_lr(opt, cfg.lr, lr_factor(cfg, epoch * steps + step, total, steps))
+                set_lr(opt, base_lr, lr_factor(cfg, epoch * steps + step, total, steps))
                 out = self.method.training_step(model, batches, phase)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
@@ -247,8 +258,8 @@ class Trainer:
             seconds = time.perf_counter() - t0
             self.epoch_seconds.append(seconds)
             self.state.epoch, self.state.step = epoch + 1, 0
-            line = f"[{phase.name}] epoch {epoch + 1}/{cfg.epochs}: {seconds:.1f}s"
-            last = epoch == cfg.epochs - 1
+            line = f"[{phase.name}] epoch {epoch + 1}/{epochs}: {seconds:.1f}s"
+            last = epoch == epochs - 1
             if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last:
                 split = "val" if all(self.taskset[t].val is not None for t in phase.tasks) else "test"
                 rows = evaluate(self.method, model, self.taskset, split=split, tasks=phase.tasks)

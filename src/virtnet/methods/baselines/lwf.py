@@ -1,0 +1,144 @@
+"""Learning without Forgetting (Li & Hoiem, ECCV 2016) and its distillation loss.
+
+LwF learns tasks one after another without the old tasks' data. Before learning task k it keeps a frozen
+copy of the network (the *teacher*); while learning task k on task k's images it minimises
+
+    L = CE(new head on x, y) + lambda_o * sum_{old j} L_D(head_j(x), teacher_j(x)),
+
+where L_D is Hinton's temperature-scaled cross-entropy (T = 2 in LwF): the old tasks' responses to the
+new task's images are kept while the shared trunk learns the new task. LwF first warms up the new head
+alone (shared and old parameters frozen), then trains everything jointly.
+
+Deep Virtual Networks (Sec. 3.3) reuse the same loss per (task, level); LwF is its nh = 1 case.
+
+Choices where the paper leaves room (see docs/methods/lwf.md):
+* the teacher's outputs are computed on the fly on each (augmented) batch rather than recorded once
+  before training, which is the same objective with augmentation;
+* an old task whose input shape differs from the new task's sees the new images resized (bilinear) and
+  with channels converted (grey repeated to 3 channels, RGB averaged to grey);
+* the stems of old tasks (task-specific input layers that only see resized new images) keep their
+  batch-norm running statistics (eval mode); the shared trunk's statistics follow the data it is trained
+  on, as in LwF.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from virtnet.backbones.base import TaskSpec
+from virtnet.data.core import Batch
+from virtnet.methods.base import Phase, register, task_loss
+from virtnet.methods.baselines.methods import SequentialConfig, _Sequential
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """Hinton's modified cross-entropy: ``-mean_b sum_c softmax(t/T)_c * log_softmax(s/T)_c``.
+
+    Args:
+        student: ``(B, C)`` logits being trained.
+        teacher: ``(B, C)`` target logits (no gradient flows into them).
+        temperature: T >= 1 softens both distributions (LwF uses 2).
+    """
+    p = F.softmax(teacher.detach() / temperature, dim=1)  # (B, C)
+    return -(p * F.log_softmax(student / temperature, dim=1)).sum(dim=1).mean()
+
+
+def as_input_of(x: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    """``x`` resized and channel-converted to task ``spec``'s input shape (identity when it matches)."""
+    if x.shape[1] != spec.in_channels:
+        if spec.in_channels == 3 and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        else:
+            x = x.mean(dim=1, keepdim=True).expand(-1, spec.in_channels, -1, -1)
+    if x.shape[-1] != spec.input_size or x.shape[-2] != spec.input_size:
+        x = F.interpolate(x, size=(spec.input_size, spec.input_size), mode="bilinear", align_corners=False)
+    return x
+
+
+def set_bn_eval(module: nn.Module) -> None:
+    """Put every batch norm under ``module`` in eval mode (running statistics stop moving)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class LwFConfig(SequentialConfig):
+    temperature: float = Field(default=2.0, ge=1.0)  # distillation temperature T
+    distill_weight: float = Field(default=1.0, ge=0.0)  # lambda_o
+    warmup_epochs: int = Field(default=0, ge=0)  # epochs training only the new head before joint training
+    warmup_lr: float | None = Field(default=None, gt=0)  # lr of the warm-up (default: train.lr)
+
+
+@register
+class LwF(_Sequential):
+    """Learning without Forgetting on a shared trunk with a stem and head per task."""
+
+    name = "lwf"
+    Config = LwFConfig
+
+    def __init__(self, config: LwFConfig | None = None) -> None:
+        super().__init__(config)
+        self._teacher: nn.Module | None = None  # frozen copy made at the start of each later phase
+
+    def phases(self, tasks: list[str]) -> list[Phase]:
+        out: list[Phase] = []
+        for i, t in enumerate(tasks):
+            if i > 0 and self.config.warmup_epochs > 0:
+                info: dict[str, Any] = {
+                    "learned": tasks[:i],
+                    "warmup": True,
+                    "epochs": self.config.warmup_epochs,
+                }
+                if self.config.warmup_lr is not None:
+                    info["lr"] = self.config.warmup_lr
+                out.append(Phase(f"warmup-{t}", [t], len(out), info))
+            out.append(Phase(f"task-{t}", [t], len(out), {"learned": tasks[:i]}))
+        return out
+
+    def on_phase_start(self, model: nn.Module, phase: Phase) -> None:
+        self._teacher = None
+        if phase.info["learned"] and not phase.info.get("warmup"):
+            teacher = copy.deepcopy(model).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            self._teacher = teacher
+
+    def param_groups(self, model: nn.Module, phase: Phase) -> list[dict[str, Any]]:
+        task = phase.tasks[0]
+        if phase.info.get("warmup"):
+            return [{"params": list(model.heads[task].parameters())}]
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def training_step(
+        self, model: nn.Module, batches: dict[str, Batch], phase: Phase
+    ) -> dict[str, torch.Tensor]:
+        ((task, b),) = batches.items()
+        learned = phase.info["learned"]
+        if learned:
+            # old tasks' statistics stay; during warm-up the whole shared network is frozen
+            for t in learned:
+                if model.stem(t) is not model.stem(task):
+                    set_bn_eval(model.stem(t))
+            if phase.info.get("warmup"):
+                set_bn_eval(model.trunk)
+                set_bn_eval(model.stem(task))
+        loss = task_loss(model(b.x, task), b)
+        out = {f"loss/{task}": loss.detach()}
+        if self._teacher is not None:
+            kd_total = torch.zeros((), dtype=loss.dtype)
+            for old in learned:
+                x = as_input_of(b.x, model.spec(old))
+                with torch.no_grad():
+                    target = self._teacher(x, old)
+                kd = distillation_loss(model(x, old), target, self.config.temperature)
+                out[f"distill/{old}"] = kd.detach()
+                kd_total = kd_total + kd
+            loss = loss + self.config.distill_weight * kd_total
+        out["loss"] = loss
+        return out
