@@ -1,4 +1,5 @@
-"""Reusable layers: route-aware (unit-sliced) convolution, linear and batch-norm layers."""
+"""Reusable layers: route-aware (unit-sliced) convolution, linear and batch-norm layers; switchable
+batch norm (private normalisation per configuration)."""
 
 from virtnet.nn.layers import (
     BatchNorm1d,
@@ -9,6 +10,7 @@ from virtnet.nn.layers import (
     RouteSequential,
     call,
 )
+from virtnet.nn.switchable import SwitchableBatchNorm, make_switchable
 from virtnet.nn.units import Route, UnitPartition
 
 __all__ = [
@@ -19,6 +21,8 @@ __all__ = [
     "Route",
     "RouteSequential",
     "Routed",
+    "SwitchableBatchNorm",
     "UnitPartition",
     "call",
+    "make_switchable",
 ]
