@@ -267,3 +267,105 @@ def sequence_rows(
                 }
             )
     return rows
+
+
+# ---- budgets ------------------------------------------------------------------------------------------
+def resolve_level(loaded: Loaded, task: str, budget: Any = None) -> int:
+    """The level of ``task`` to run under ``budget`` (a Budget, a string like ``"params=1e5"``, an int
+    level, or None for the largest); BudgetError when none fits."""
+    from virtnet.methods.budget import Budget, choose_level, level_costs, parse_budget
+
+    spec = next((s for s in loaded.specs if s.name == task), None)
+    if spec is None:
+        from virtnet.errors import TaskError
+
+        raise TaskError(f"unknown task '{task}': the model has {[s.name for s in loaded.specs]}")
+    if budget is None:
+        return loaded.method.levels(loaded.model, task)[-1].index
+    if isinstance(budget, int):
+        return loaded.method.level(loaded.model, task, budget).index
+    b = budget if isinstance(budget, Budget) else parse_budget(str(budget))
+    if b.kind == "level":
+        return loaded.method.level(loaded.model, task, int(b.value)).index
+    costs = level_costs(
+        loaded.method, loaded.model, task, (spec.in_channels, spec.input_size, spec.input_size)
+    )
+    return choose_level(costs, b, task).level
+
+
+def predict(loaded: Loaded, x: torch.Tensor, task: str, budget: Any = None) -> torch.Tensor:
+    """Logits of ``task`` on ``x`` (normalised inputs) at the largest level that fits ``budget``."""
+    level = resolve_level(loaded, task, budget)
+    with torch.inference_mode():
+        return loaded.method.predict(loaded.model, x, task, level)
+
+
+def shared_budget(
+    loaded: Loaded, taskset: TaskSet, budget: Any, tasks: list[str] | None = None
+) -> dict[str, Any]:
+    """One level per task maximising the summed accuracy (validation split when every task has one, else
+    test) within one total budget of params or flops; see :func:`virtnet.methods.budget.choose_levels`."""
+    from virtnet.methods.budget import Budget, choose_levels, parse_budget
+
+    b = budget if isinstance(budget, Budget) else parse_budget(str(budget))
+    tasks = tasks or [s.name for s in loaded.specs]
+    split = "val" if all(taskset[t].val is not None for t in tasks) else "test"
+    rows = evaluate(loaded.method, loaded.model, taskset, split=split, tasks=tasks)
+    acc = {(r["task"], r["level"]): r["accuracy"] for r in rows}
+    shapes = {s.name: (s.in_channels, s.input_size, s.input_size) for s in loaded.specs}
+    out = choose_levels(loaded.method, loaded.model, tasks, b, acc, shapes)
+    out["selected_on"] = split
+    out["accuracy"] = {t: acc[(t, lv)] for t, lv in out["levels"].items()}
+    return out
+
+
+# ---- export -------------------------------------------------------------------------------------------
+EXPORT_FORMAT = "virtnet-export"
+
+
+def export_network(loaded: Loaded, task: str, level: int, path: str | Path) -> Path:
+    """Write (task, level)'s standalone network as ``<path>.safetensors`` + ``<path>.json``.
+
+    The JSON holds the run's config and task specs (to rebuild the structure), the task, level and units,
+    and per layer the shapes kept; the tensor file holds only the exported network's weights.
+    """
+    from virtnet.train.checkpoint import save_checkpoint
+
+    net = loaded.method.export(loaded.model, task, level)
+    lv = loaded.method.level(loaded.model, task, level)
+    shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
+    meta = {
+        "export_format": EXPORT_FORMAT,
+        "config": loaded.meta["config"],
+        "tasks": loaded.meta["tasks"],
+        "state": loaded.meta.get("state"),
+        "method": loaded.meta.get("method"),
+        "task": task,
+        "level": lv.index,
+        "level_name": lv.name,
+        "units": None if lv.route is None or lv.route.units is None else list(lv.route.units),
+        "shapes": shapes,
+        "source": str(loaded.path),
+    }
+    return save_checkpoint(path, net.state_dict(), meta)
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """Rebuild an exported network from :func:`export_network`'s files (eval mode)."""
+    from virtnet.train.checkpoint import load_checkpoint, load_model_state
+
+    ck = load_checkpoint(path)
+    meta = ck.meta
+    if meta.get("export_format") != EXPORT_FORMAT:
+        raise ConfigError(f"{ck.path}: not an exported network (made by 'virtnet export')")
+    cfg = RunConfig.from_dict(meta["config"], source=str(ck.path))
+    specs = [TaskSpec(**s) for s in meta["tasks"]]
+    method, model = build(cfg, specs)
+    phases = method.phases([s.name for s in specs])
+    for ph in phases[: min(int((meta.get("state") or {}).get("phase", 0)) + 1, len(phases))]:
+        method.on_phase_start(model, ph)
+    if hasattr(model, "active_units") and meta.get("units") is not None:
+        model.active_units.fill_(max(int(model.active_units), max(meta["units"]) + 1))
+    net = method.export(model, meta["task"], int(meta["level"]))
+    load_model_state(net, ck.model_state, str(ck.path))
+    return net.eval()

@@ -1,4 +1,4 @@
-"""``virtnet`` command line: ``train``, ``eval``, ``info``, ``demo``.
+"""``virtnet`` command line: ``train``, ``eval``, ``info``, ``export``, ``demo``.
 
 Every bad input ends with one line ``virtnet: error: <what is wrong>`` on stderr and exit status 2.
 """
@@ -154,16 +154,77 @@ def cmd_eval_sequence(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_budget(args: argparse.Namespace) -> int:
+    """``eval --budget B [--task T]``: the largest level of each task that fits B, and its accuracy."""
+    from virtnet import api
+
+    loaded = api.load(args.checkpoint)
+    tasks = [args.task] if args.task else [s.name for s in loaded.specs]
+    chosen = {t: api.resolve_level(loaded, t, args.budget) for t in tasks}
+    taskset = loaded.taskset(args.data_root)
+    rows = []
+    for t, lv in chosen.items():
+        acc = api.evaluate(loaded.method, loaded.model, taskset, split=args.split, tasks=[t], levels=[lv])
+        cost = [r for r in api.cost_rows(loaded, latency=False) if r["task"] == t and r["level"] == lv]
+        rows.extend({**c, **a, "budget": args.budget} for a, c in zip(acc, cost, strict=True))
+    if args.json:
+        print(
+            json.dumps(
+                {"checkpoint": str(loaded.path), "budget": args.budget, "rows": rows}, indent=2, default=float
+            )
+        )
+    else:
+        print(f"budget {args.budget}: " + ", ".join(f"{t} -> level {lv}" for t, lv in chosen.items()))
+        print(table(rows))
+    return 0
+
+
+def cmd_eval_shared(args: argparse.Namespace) -> int:
+    """``eval --shared-budget B``: one level per task maximising the summed accuracy within B in total."""
+    from virtnet import api
+
+    loaded = api.load(args.checkpoint)
+    taskset = loaded.taskset(args.data_root)
+    tasks = [args.task] if args.task else None
+    out = api.shared_budget(loaded, taskset, args.shared_budget, tasks)
+    if args.json:
+        print(json.dumps(out, indent=2, default=float))
+    else:
+        print(f"shared budget {out['budget']}: levels chosen on the {out['selected_on']} split")
+        for t, lv in out["levels"].items():
+            print(f"  {t}: level {lv} ({out['accuracy'][t]:.2f}%)")
+        print(f"total cost {out['cost']:,}; summed accuracy {out['accuracy_sum']:.2f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from virtnet import api
+
+    loaded = api.load(args.checkpoint)
+    level = api.resolve_level(loaded, args.task, args.budget if args.budget else args.level)
+    path = api.export_network(loaded, args.task, level, args.output)
+    net = api.load_exported(path)
+    from virtnet.cost import count_parameters
+
+    print(f"exported task {args.task} level {level}: {count_parameters(net):,} parameters -> {path}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from virtnet import api
 
     if args.sequence:
         return cmd_eval_sequence(args)
+    if args.shared_budget:
+        return cmd_eval_shared(args)
+    if args.budget:
+        return cmd_eval_budget(args)
 
     loaded, rows = _eval_rows(
         args.checkpoint, args.data_root, args.split, not args.no_latency, args.threads, args.repeats
     )
     total = api.total_parameters(loaded.model)
+    summary = loaded.method.summary(loaded.model, rows)
     if args.plot:
         from virtnet.cost import plot_accuracy_vs_density
 
@@ -190,6 +251,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     "split": args.split,
                     "total_params": total,
                     "rows": rows,
+                    "summary": summary,
                 },
                 indent=2,
                 default=float,
@@ -201,6 +263,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"({args.split} split); total parameters {total:,}"
         )
         print(table(rows))
+        for k, v in summary.items():
+            print(f"{k}: {v}")
         if args.plot:
             print(f"plot: {args.plot}")
     return 0
@@ -289,7 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="error of every task learned so far after each added task (the run's per-phase checkpoints)",
     )
+    e.add_argument("--task", help="only this task (with --budget or --shared-budget)")
+    e.add_argument(
+        "--budget", help="largest level within a budget: params=N, density=F|P%%, flops=N, level=N"
+    )
+    e.add_argument("--shared-budget", help="one level per task within one total budget: params=N or flops=N")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write one (task, level) as a standalone, physically smaller network")
+    x.add_argument("checkpoint")
+    x.add_argument("--task", required=True)
+    x.add_argument("--level", type=int, help="level index (default: the largest)")
+    x.add_argument("--budget", help="largest level within a budget instead of --level")
+    x.add_argument("-o", "--output", required=True, help="output stem: writes STEM.safetensors and STEM.json")
+    x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="tasks, budgets, parameters and FLOPs of a checkpoint")
     i.add_argument("checkpoint")
