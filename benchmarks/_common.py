@@ -68,3 +68,62 @@ class Timer:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
+
+
+def run_method(
+    method: str,
+    scenario: str,
+    data: dict[str, Any],
+    model: dict[str, Any],
+    train: dict[str, Any],
+    work: Path,
+    seed: int,
+    taskset: Any = None,
+    options: dict[str, Any] | None = None,
+    label: str | None = None,
+    threads: int = 2,
+    latency: bool = True,
+) -> tuple[list[dict[str, Any]], Any]:
+    """Train one method through the public API and return its rows (accuracy and costs per (task, level))
+    and the run. Rows carry the method's label, the scenario, total physical parameters and seconds per
+    epoch (median)."""
+    import statistics
+
+    from virtnet import api
+    from virtnet.config import RunConfig
+
+    cfg = RunConfig.from_dict(
+        {
+            "seed": seed,
+            "output_dir": str(work / (label or method)),
+            "data": data,
+            "model": model,
+            "method": {"name": method, **(options or {})},
+            "train": {"eval_every": 0, "checkpoint_every": 0, "progress": False, "threads": threads, **train},
+        }
+    )
+    t0 = time.perf_counter()
+    run = api.train(cfg, taskset=taskset, log=lambda s: print(f"  [{label or method}] {s}", flush=True))
+    loaded = api.load(run.out_dir / "model.json")
+    cost = api.cost_rows(loaded, latency=latency, threads=threads)
+    total = api.total_parameters(loaded.model)
+    sec = statistics.median(run.summary["epoch_seconds"]) if run.summary["epoch_seconds"] else None
+    rows = []
+    for r in api.merge_rows(run.test_rows, cost):
+        rows.append(
+            {
+                **r,
+                "method": label or method,
+                "scenario": scenario,
+                "total_params": total,
+                "seconds_per_epoch": sec,
+                "train_seconds": time.perf_counter() - t0,
+            }
+        )
+    print(
+        f"{label or method}: "
+        + ", ".join(f"{r['task']}@{r['level']} {r['accuracy']:.2f}%" for r in rows)
+        + f"; total {total:,} parameters",
+        flush=True,
+    )
+    return rows, run

@@ -308,7 +308,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = args.output_dir or "runs/demo"
     cfg = load_run_config(demo_config_path(), args.set or [], None, out)
-    print(f"virtnet demo: {cfg.method.name} on the digits split into two tasks -> {out}")
+    print(f"virtnet demo: {cfg.method.name} on the digits split into two tasks (two budgets each) -> {out}")
     run = api.train(cfg)
     loaded = api.load(run.out_dir / "model.json")
     acc = api.evaluate_model(loaded, run.taskset)

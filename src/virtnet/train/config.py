@@ -28,7 +28,7 @@ class TrainConfig(Strict):
     deterministic: bool = True  # torch.use_deterministic_algorithms while training
     progress: bool = True  # progress bars on a terminal
     log_every: int = Field(default=20, ge=1)  # steps between metric lines in metrics.jsonl
-    eval_every: int = Field(default=1, ge=0)  # epochs between evaluations (0: only at the end)
+    eval_every: int = Field(default=1, ge=0)  # epochs between evaluations, and after the last (0: none)
     checkpoint_every: int = Field(default=1, ge=0)  # epochs between checkpoints (0: only at the end)
     checkpoint_every_steps: int = Field(default=0, ge=0)  # additionally every N steps (0: off)
     max_steps_per_epoch: int | None = Field(default=None, ge=1)  # cap (quick runs and tests)

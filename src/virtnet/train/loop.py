@@ -144,6 +144,8 @@ class Trainer:
 
     def _fit(self, resume: bool) -> dict[str, Any]:
         phases = self.method.phases(self.taskset.names)
+        for ph in phases:  # for options that depend on the data's size (e.g. adapters' weight decay by size)
+            ph.info.setdefault("train_sizes", {t: len(self.taskset[t].train) for t in ph.tasks})
         ckpt = None
         if (
             resume
@@ -192,6 +194,9 @@ class Trainer:
             steps = min(steps, cfg.max_steps_per_epoch)
         epochs = int(phase.info.get("epochs", cfg.epochs))  # a phase may override the epochs and lr
         base_lr = float(phase.info.get("lr", cfg.lr))
+        sched = cfg  # ... and the schedule (e.g. PackNet's re-training at a constant rate)
+        if "schedule" in phase.info:
+            sched = cfg.model_copy(update={"schedule": phase.info["schedule"], "warmup_epochs": 0.0})
         total = steps * epochs
         opt = make_optimizer(self.method.param_groups(model, phase), cfg)
         if ckpt is not None and ckpt.meta.get("optimizer_phase") == phase.index and "optimizer" in ckpt.meta:
@@ -219,7 +224,7 @@ class Trainer:
             it = loader.iterate(phase.index * EPOCH_STRIDE + epoch, start_step=start_step)
             for step in range(start_step, steps):
                 batches = next(it)
-                set_lr(opt, base_lr, lr_factor(cfg, epoch * steps + step, total, steps))
+                set_lr(opt, base_lr, lr_factor(sched, epoch * steps + step, total, steps))
                 out = self.method.training_step(model, batches, phase)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
@@ -260,7 +265,7 @@ class Trainer:
             self.state.epoch, self.state.step = epoch + 1, 0
             line = f"[{phase.name}] epoch {epoch + 1}/{epochs}: {seconds:.1f}s"
             last = epoch == epochs - 1
-            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last:
+            if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
                 split = "val" if all(self.taskset[t].val is not None for t in phase.tasks) else "test"
                 rows = evaluate(self.method, model, self.taskset, split=split, tasks=phase.tasks)
                 self._write_metrics(

@@ -1,0 +1,439 @@
+"""Benchmark: a small decathlon of residual adapters (Rebuffi et al., CVPR 2018, Table 1 and Fig. 4).
+
+A universal ResNet-26 (width 0.25, 28x28 trunk input) is pretrained on the source domain (Fashion-MNIST:
+the most varied of the available sets) and adapted to the other domains available in ../shared/data and to
+scikit-learn's digits (MNIST, KMNIST-10k, digits; every target's training set subsampled to at most
+--train-size images, stratified and seeded; full test splits). Methods, each from the same pretrained
+checkpoint:
+
+* ``finetune``: one fine-tuned network per target domain (T networks);
+* ``feature_extraction``: the frozen universal network with a new head per domain;
+* ``series`` / ``parallel`` adapters (all placements), ``parallel (early|mid|late|half)``, ``parallel SVD``
+  (cross-domain compression, K = C/2, gamma_t fine-tuned after the SVD).
+
+Reported per method and domain: test accuracy, the decathlon score against fine-tuning's errors (E_max = 2
+x fine-tuning's error), parameters of the deployment of every target relative to one network, and per
+method the mean. Then the transfer-learning curve on one target (--curve-domain): accuracy against the
+fraction of the training subsample used, parallel adapters against fine-tuning (plot).
+
+Run:  python benchmarks/adapters_decathlon.py [--data-root ../shared/data] [--threads 1]
+Writes docs/results/adapters_decathlon.{json,md,csv} and docs/results/adapters_transfer.{json,md,csv,png}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from _common import Timer, parser, write_results  # noqa: E402
+
+from virtnet import api  # noqa: E402
+from virtnet.cost import count_flops, count_parameters  # noqa: E402
+from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
+from virtnet.data.core import TaskSet  # noqa: E402
+from virtnet.methods.adapters import decathlon_score  # noqa: E402
+
+ADAPTER_METHODS = {
+    "series": {"kind": "series"},
+    "parallel": {"kind": "parallel"},
+    "parallel (early)": {"kind": "parallel", "placement": "early"},
+    "parallel (mid)": {"kind": "parallel", "placement": "mid"},
+    "parallel (late)": {"kind": "parallel", "placement": "late"},
+    "parallel (half)": {"kind": "parallel", "placement": "half"},
+    "parallel SVD": {"kind": "parallel", "compression": "svd"},
+}
+
+
+def train_cfg(args: Any, epochs: int, lr: float) -> dict[str, Any]:
+    return {
+        "epochs": epochs,
+        "batch_size": args.batch_size,
+        "optimizer": "sgd",
+        "lr": lr,
+        "momentum": 0.9,
+        "weight_decay": args.weight_decay,
+        "schedule": "cosine",
+        "eval_every": 0,
+        "checkpoint_every": 0,
+        "threads": args.threads,
+        "progress": False,
+    }
+
+
+def run(
+    name: str, work: Path, data: dict, taskset: TaskSet, model: dict, method: dict, train: dict, seed: int
+) -> tuple[api.Run, float]:
+    t = Timer()
+    cfg = {"seed": seed, "output_dir": str(work / name), "data": data, "model": model, "method": method}
+    out = api.train({**cfg, "train": train}, taskset=taskset, log=lambda s: None)
+    seconds = t()
+    accs = ", ".join(f"{r['task']} {r['accuracy']:.2f}%" for r in out.test_rows)
+    print(f"  {name}: {accs} ({seconds:.0f}s)", flush=True)
+    return out, seconds
+
+
+def subset(taskset: TaskSet, names: list[str]) -> TaskSet:
+    return TaskSet([taskset[n] for n in names], "+".join(names))
+
+
+def flops_of(method: Any, model: torch.nn.Module, task: str, shape: tuple[int, ...]) -> int:
+    return count_flops(method.export(model, task), shape)
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.set_defaults(threads=1)
+    p.add_argument("--source", default="fashion_mnist")
+    p.add_argument("--targets", default="mnist,kmnist10k,digits")
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--source-train-size", type=int, default=20000)
+    p.add_argument(
+        "--train-size", type=int, default=5000, help="at most this many training images per target"
+    )
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--source-epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=4, help="epochs of every target-domain phase")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr-source", type=float, default=0.1)
+    p.add_argument("--lr-finetune", type=float, default=0.02)
+    p.add_argument("--lr-adapters", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="of the source and the baselines")
+    p.add_argument("--methods", default="finetune,feature_extraction," + ",".join(ADAPTER_METHODS))
+    p.add_argument("--curve-domain", default="kmnist10k")
+    p.add_argument("--fractions", default="0.01,0.05,0.2,1.0")
+    p.add_argument("--max-curve-epochs", type=int, default=100)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    total = Timer()
+    work = Path(args.work_dir or "runs/bench/adapters_decathlon")
+    targets = args.targets.split(",")
+    methods = args.methods.split(",")
+    root = args.data_root
+
+    def task(name: str, size: int | None) -> dict[str, Any]:
+        t: dict[str, Any] = {"name": name, "dataset": name, "val_fraction": args.val_fraction}
+        if size is not None and name != "digits":  # digits: all 1,437 training images
+            t["train_size"] = size
+        return t
+
+    # ---- data ------------------------------------------------------------------------------------
+    source_data = {"root": root, "tasks": [task(args.source, args.source_train_size)]}
+    target_data = {"root": root, "tasks": [task(t, args.train_size) for t in targets]}
+    source_set = build_taskset(DataConfig.model_validate(source_data), args.seed)
+    target_set = build_taskset(DataConfig.model_validate(target_data), args.seed)
+    info = {d["task"]: d for d in source_set.describe() + target_set.describe()}
+    shapes = {t.name: tuple(t.input_shape) for t in list(source_set) + list(target_set)}
+    # every network runs its trunk at the source's resolution (digits' 8x8 images are upsampled by the
+    # stem, as the adapters' input layer does), so the baselines and the adapters see the same trunk input
+    model_cfg = {"name": "resnet26", "width": args.width, "feature_size": shapes[args.source][-1]}
+    print(f"data: {json.dumps(info)}", flush=True)
+
+    # ---- the universal network ---------------------------------------------------------------------
+    print(f"pretraining the universal network on {args.source}", flush=True)
+    src_run, src_seconds = run(
+        "source",
+        work,
+        source_data,
+        source_set,
+        model_cfg,
+        {"name": "joint", "shared_stem": True},
+        train_cfg(args, args.source_epochs, args.lr_source),
+        args.seed,
+    )
+    source_ckpt = str(src_run.out_dir / "model.json")
+    one_network = count_parameters(src_run.model)  # stem + trunk + one head
+    universal = one_network - count_parameters(src_run.model.heads[args.source])
+
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, dict[str, Any]] = {}
+    acc: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+    scenario = f"{args.source}->" + "+".join(targets)
+    rows.append(
+        {
+            "method": "universal (pretrained)",
+            "scenario": scenario,
+            "task": args.source,
+            "level": 1,
+            "accuracy": src_run.test_rows[0]["accuracy"],
+            "params": one_network,
+            "flops": count_flops(src_run.method.export(src_run.model, args.source), shapes[args.source]),
+            "seconds": src_seconds,
+            "epochs": args.source_epochs,
+        }
+    )
+
+    def add(method: str, per_domain: dict[str, dict[str, Any]], total_params: int, secs: float) -> None:
+        acc[method] = {t: per_domain[t]["accuracy"] for t in targets}
+        seconds[method] = secs
+        summary[method] = {"total_params": total_params, "relative_params": total_params / one_network}
+        for t in targets:
+            rows.append({"method": method, "scenario": scenario, "task": t, "level": 1, **per_domain[t]})
+
+    # ---- baselines: T fine-tuned networks, feature extraction ----------------------------------------
+    for base in ("finetune", "feature_extraction"):
+        if base not in methods:
+            continue
+        print(base, flush=True)
+        per: dict[str, dict[str, Any]] = {}
+        total_params, secs = 0, 0.0
+        for t in targets:
+            data = {"root": root, "tasks": [task(t, args.train_size)]}
+            lr = args.lr_finetune if base == "finetune" else args.lr_adapters
+            r, s = run(
+                f"{base}-{t}",
+                work,
+                data,
+                subset(target_set, [t]),
+                model_cfg,
+                {"name": base, "init_from": source_ckpt},
+                train_cfg(args, args.epochs, lr),
+                args.seed,
+            )
+            secs += s
+            net = r.method.export(r.model, t)
+            n = count_parameters(net)
+            specific = n if base == "finetune" else count_parameters(r.model.heads[t])
+            total_params += specific
+            per[t] = {
+                "accuracy": r.test_rows[0]["accuracy"],
+                "params": n,
+                "domain_params": specific,
+                "flops": count_flops(net, shapes[t]),
+            }
+        if base == "feature_extraction":
+            total_params += universal
+        add(base, per, total_params, secs)
+
+    # ---- adapters ----------------------------------------------------------------------------------
+    for name, options in ADAPTER_METHODS.items():
+        if name not in methods:
+            continue
+        print(name, flush=True)
+        r, s = run(
+            name.replace(" ", "_").replace("(", "").replace(")", ""),
+            work,
+            target_data,
+            target_set,
+            model_cfg,
+            {"name": "adapters", "init_from": source_ckpt, **options},
+            train_cfg(args, args.epochs, args.lr_adapters),
+            args.seed,
+        )
+        counts = r.model.parameter_counts()
+        per = {}
+        for row in r.test_rows:
+            t = row["task"]
+            net = r.method.export(r.model, t)
+            per[t] = {
+                "accuracy": row["accuracy"],
+                "params": count_parameters(net),
+                "domain_params": counts["per_domain"][t],
+                "flops": count_flops(net, shapes[t]),
+                "adapted_layers": len(r.model.adapted),
+            }
+        add(name, per, counts["total"], s)
+        summary[name]["adapter_params"] = sum(
+            b.domain_count(t) for b in r.model.banks() for t in b.domains
+        ) + sum(b.shared_count() for b in r.model.banks())
+
+    # ---- scores ------------------------------------------------------------------------------------
+    baseline = {t: 100.0 - acc["finetune"][t] for t in targets} if "finetune" in acc else None
+    for r in rows:
+        if baseline and r["task"] in baseline:
+            r["error"] = 100.0 - r["accuracy"]
+            r["score"] = decathlon_score({r["task"]: r["error"]}, baseline).per_domain[r["task"]]
+    for m in acc:
+        mean = statistics.fmean(acc[m].values())
+        score = decathlon_score({t: 100 - a for t, a in acc[m].items()}, baseline).total if baseline else None
+        summary[m].update(mean_accuracy=mean, score=score, seconds=seconds[m])
+        rows.append(
+            {
+                "method": m,
+                "scenario": scenario,
+                "task": "mean",
+                "level": 1,
+                "accuracy": mean,
+                "params": summary[m]["total_params"],
+                "flops": None,
+                "relative_params": summary[m]["relative_params"],
+                "score": score,
+                "seconds": seconds[m],
+            }
+        )
+        print(
+            f"{m}: mean {mean:.2f}%, score {score if score is None else round(score)}, "
+            f"{summary[m]['relative_params']:.2f}x one network",
+            flush=True,
+        )
+
+    checks = targets_met(summary, acc)
+    for k, v in checks.items():
+        print(f"target {k}: {v}", flush=True)
+    stem = write_results(
+        "adapters_decathlon",
+        rows,
+        args.seed,
+        args.out,
+        extra={
+            "source": args.source,
+            "targets": targets,
+            "backbone": f"resnet26 width {args.width}",
+            "data": info,
+            "train": {
+                "source_epochs": args.source_epochs,
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "lr_source": args.lr_source,
+                "lr_finetune": args.lr_finetune,
+                "lr_adapters": args.lr_adapters,
+                "weight_decay_baselines": args.weight_decay,
+                "weight_decay_adapters": "by_size (paper groups)",
+                "threads": args.threads,
+            },
+            "one_network_params": one_network,
+            "summary": summary,
+            "score_baseline_errors": baseline,
+            "targets_met": checks,
+            "seconds_total_decathlon": total(),
+        },
+        notes="params: the domain's deployed (fused) network; domain_params: what the domain adds to the "
+        "universal network; the 'mean' rows give every target's deployment in total (params) and relative "
+        "to one network (relative_params). score: decathlon score against fine-tuning's errors.",
+    )
+    print(f"wrote {stem}.json and {stem}.md", flush=True)
+
+    if args.curve_domain and "parallel" in methods and "finetune" in methods:
+        specific = {(r["method"], r["task"]): r["domain_params"] for r in rows if "domain_params" in r}
+        curve(args, work, root, source_ckpt, model_cfg, acc, specific, task)
+    print(f"total {total():.0f}s", flush=True)
+
+
+def targets_met(summary: dict[str, dict[str, Any]], acc: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The issue's targets, each with the measured figures."""
+    out: dict[str, Any] = {}
+    s = {m: v["mean_accuracy"] for m, v in summary.items()}
+    if "parallel" in s and "series" in s:
+        out["parallel >= series (mean)"] = {
+            "holds": s["parallel"] >= s["series"],
+            "parallel": s["parallel"],
+            "series": s["series"],
+        }
+    if "parallel" in s and "parallel SVD" in s:
+        ratio = summary["parallel SVD"]["adapter_params"] / summary["parallel"]["adapter_params"]
+        out["parallel SVD within 0.5 points of parallel"] = {
+            "holds": s["parallel SVD"] >= s["parallel"] - 0.5,
+            "difference": s["parallel SVD"] - s["parallel"],
+            "adapter_params_ratio": ratio,
+        }
+    if "finetune" in s:
+        for m in ("parallel", "series"):
+            if m in s:
+                out[f"{m} within 1 point of fine-tuning, <= 2x params"] = {
+                    "holds": s[m] >= s["finetune"] - 1.0 and summary[m]["relative_params"] <= 2.0,
+                    "difference": s[m] - s["finetune"],
+                    "relative_params": summary[m]["relative_params"],
+                }
+    return out
+
+
+def curve(
+    args: Any, work: Path, root: Any, source_ckpt: str, model_cfg: dict, acc: dict, specific: dict, task: Any
+) -> None:
+    """Accuracy against the fraction of the training subsample, parallel adapters and fine-tuning."""
+    dom = args.curve_domain
+    print(f"transfer-learning curve on {dom}", flush=True)
+    rows: list[dict[str, Any]] = []
+    steps_full = math.ceil(args.train_size * (1 - args.val_fraction) / args.batch_size)
+    for frac in (float(f) for f in args.fractions.split(",")):
+        size = max(10, int(round(frac * args.train_size)))
+        for m, method, lr in (
+            ("finetune", {"name": "finetune"}, args.lr_finetune),
+            ("parallel", {"name": "adapters", "kind": "parallel"}, args.lr_adapters),
+        ):
+            if frac >= 1.0 and m in acc:  # the decathlon run itself
+                accuracy, epochs, secs, params = acc[m][dom], args.epochs, None, specific[(m, dom)]
+            else:
+                data = {"root": root, "tasks": [{**task(dom, size), "name": dom}]}
+                taskset = build_taskset(DataConfig.model_validate(data), args.seed)
+                steps = math.ceil(len(taskset[dom].train) / args.batch_size)
+                # about as many optimizer steps as the full run, at most max-curve-epochs epochs
+                epochs = min(args.max_curve_epochs, max(args.epochs, round(args.epochs * steps_full / steps)))
+                r, secs = run(
+                    f"curve-{m}-{frac}",
+                    work,
+                    data,
+                    taskset,
+                    model_cfg,
+                    {**method, "init_from": source_ckpt},
+                    train_cfg(args, epochs, lr),
+                    args.seed,
+                )
+                accuracy = r.test_rows[0]["accuracy"]
+                model = r.model
+                params = (
+                    count_parameters(model)
+                    if m == "finetune"
+                    else model.parameter_counts()["per_domain"][dom]
+                )
+            rows.append(
+                {
+                    "method": m,
+                    "scenario": f"{args.source}->{dom}",
+                    "task": dom,
+                    "level": 1,
+                    "fraction": frac,
+                    "train_images": size,
+                    "accuracy": accuracy,
+                    "params": params,
+                    "flops": None,
+                    "epochs": epochs,
+                    "seconds": secs,
+                }
+            )
+            print(f"  {m} at {frac:g}: {accuracy:.2f}%", flush=True)
+    stem = write_results(
+        "adapters_transfer",
+        rows,
+        args.seed,
+        (str(Path(args.out).parent / "adapters_transfer") if args.out else None),
+        extra={"domain": dom, "source": args.source, "backbone": f"resnet26 width {args.width}"},
+        notes="fraction of the --train-size training subsample (stratified, seeded); params: what the domain "
+        "adds (fine-tuning: a whole network); the 100% points are the decathlon runs.",
+    )
+    plot_curve(Path(f"{stem}.json"), Path(f"{stem}.png"))
+    print(f"wrote {stem}.json, .md and .png", flush=True)
+
+
+def plot_curve(results: Path, png: Path) -> None:
+    """Draw the transfer-learning curve from its results JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(results.read_text())
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for m, label in (("parallel", "parallel adapters"), ("finetune", "fine-tuning")):
+        pts = sorted((r["fraction"], r["accuracy"]) for r in data["rows"] if r["method"] == m)
+        ax.plot([100 * f for f, _ in pts], [a for _, a in pts], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training data used (% of the subsample, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"transfer from {data['source']} to {data['domain']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Benchmark: DVN with 4 tasks and 4 units at small scale (the paper's J2 and Table 2).
+
+Four tasks of different input sizes: MNIST, Fashion-MNIST, KMNIST-10k (28x28) and scikit-learn's digits
+(8x8), each with its own input layer mapping it to the trunk's feature size (14x14). One ResNet trunk
+split into 4 units hosts 4 deep virtual networks of 4 levels: 16 outputs. Rows per (task, level):
+accuracy, parameters, density, compression rate, FLOPs, latency (batch 1 and 64, faster memory format)
+and the measured speed-up of the exported level over the task's full level, as in the paper's Table 2.
+
+Run:  python benchmarks/dvn_j2.py [--data-root ../shared/data] [--epochs 6]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from _common import parser, run_method, write_results  # noqa: E402
+
+from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--feature-size", type=int, default=14)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--train-size", type=int, default=5000, help="training images per task (digits has 1,437)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    n = args.train_size
+    data = {
+        "root": args.data_root,
+        "sampling": "all",
+        "tasks": [
+            {"name": "mnist", "dataset": "mnist", "train_size": n},
+            {"name": "fashion_mnist", "dataset": "fashion_mnist", "train_size": n},
+            {"name": "kmnist10k", "dataset": "kmnist10k", "train_size": min(n, 8000)},
+            {"name": "digits", "dataset": "digits"},
+        ],
+    }
+    taskset = build_taskset(DataConfig.model_validate(data), args.seed)
+    model = {"name": "resnet", "depth": args.depth, "width": args.width, "feature_size": args.feature_size}
+    train = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "optimizer": "sgd",
+        "lr": args.lr,
+        "nesterov": True,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "cosine",
+    }
+    work = Path(args.work_dir or "runs/bench/dvn_j2")
+    rows, _ = run_method(
+        "dvn",
+        "J2",
+        data,
+        model,
+        train,
+        work,
+        args.seed,
+        taskset=taskset,
+        options={"num_units": 4},
+        threads=args.threads,
+    )
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    for task_rows in by_task.values():
+        top = max(task_rows, key=lambda r: r["level"])
+        for r in task_rows:
+            r["compression"] = 1.0 / r["density"]
+            r["speedup_b1"] = top["latency_ms_b1"] / r["latency_ms_b1"]
+            r["speedup_b64"] = top["latency_ms_b64"] / r["latency_ms_b64"]
+    lines = [
+        "| task | level | accuracy (%) | params | density (%) | compression | latency b64 (ms) | "
+        "speed-up b64 | latency b1 (ms) | speed-up b1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['level']} | {r['accuracy']:.2f} | {r['params']:,} | "
+            f"{100 * r['density']:.1f} | {r['compression']:.1f}x | {r['latency_ms_b64']:.2f} | "
+            f"{r['speedup_b64']:.2f}x | {r['latency_ms_b1']:.3f} | {r['speedup_b1']:.2f}x |"
+        )
+    total = rows[0]["total_params"]
+    text = (
+        "\n".join(lines) + f"\n\n16 outputs from one network of {total:,} parameters. The paper's Table 2 "
+        "(ResNet-42, Tiny-ImageNet, GPU): density 6.4 / 25.2 / 56.4 / 100 %, speed-up 5.8 / 2.8 / 1.6 / 1.0x."
+    )
+    stem = write_results(
+        "dvn_j2",
+        rows,
+        args.seed,
+        args.out,
+        extra={
+            "backbone": f"resnet{args.depth} width {args.width}, feature size {args.feature_size}",
+            "epochs": args.epochs,
+            "train_size_per_task": n,
+        },
+    )
+    with open(f"{stem}.md", "a") as f:
+        f.write("\n## Table 2 at small scale\n\n" + text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

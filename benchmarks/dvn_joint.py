@@ -1,0 +1,173 @@
+"""Benchmark: DVN joint learning of two tasks with 2 units, at small scale (the paper's J1 and H1).
+
+J1 (``--scenario j1``): MNIST and Fashion-MNIST as two tasks (the paper: CIFAR-10 and CIFAR-100).
+H1 (``--scenario h1``): Fashion-MNIST's coarse (4 groups, docs/data.md) and fine (10 classes) labels of
+the same images as two tasks (the paper: CIFAR-100's 20 coarse and 100 fine classes).
+
+Methods, all on the same ResNet (CIFAR layout) and schedule:
+* ``dvn``: one network, 2 units, 2 tasks x 2 levels = 4 outputs;
+* ``individual``: one full network per task (the size of DVN's all-unit level);
+* ``individual-half``: one half-width network per task (the size of DVN's single-unit level);
+* ``nestednet``: one order for both tasks, task 1 uses unit 1, task 2 both units;
+* ``packnet-grouped`` (PackNet+): task 1 learns group 1, then task 2 learns what is new at groups 1..2.
+
+Targets (issue 3): each task's all-unit level within 0.5 points of its individual network, its
+single-unit level within 2 points, with half the parameters of the two individual networks together.
+
+Run:  python benchmarks/dvn_joint.py --scenario j1 [--data-root ../shared/data] [--epochs 4]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from _common import parser, run_method, write_results  # noqa: E402
+
+from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
+
+
+def data_section(scenario: str, root: str | None, n: int | None) -> dict:
+    """J1: two datasets; H1: coarse and fine labels of the same Fashion-MNIST images."""
+    if scenario == "j1":
+        return {
+            "root": root,
+            "sampling": "all",
+            "tasks": [
+                {"name": "mnist", "dataset": "mnist", "train_size": n},
+                {"name": "fashion_mnist", "dataset": "fashion_mnist", "train_size": n},
+            ],
+        }
+    return {
+        "root": root,
+        "sampling": "all",
+        "scenario": {"kind": "coarse_fine", "dataset": "fashion_mnist", "train_size": n},
+    }
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--scenario", choices=["j1", "h1"], default="j1")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--width", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--train-size", type=int, default=20000, help="training images per task (stratified)")
+    p.add_argument("--methods", default="dvn,individual,individual-half,nestednet,packnet-grouped")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    data = data_section(args.scenario, args.data_root, args.train_size)
+    taskset = build_taskset(DataConfig.model_validate(data), args.seed)
+    model = {"name": "resnet", "depth": args.depth, "width": args.width}
+    train = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "optimizer": "sgd",
+        "lr": args.lr,
+        "nesterov": True,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "cosine",
+    }
+    work = Path(args.work_dir or f"runs/bench/dvn_{args.scenario}")
+    specs = {
+        "dvn": ("dvn", {"num_units": 2}),
+        "individual": ("individual", {}),
+        "individual-half": ("individual", {"width": 0.5}),
+        "nestednet": ("nestednet", {"num_units": 2}),
+        "packnet-grouped": ("packnet-grouped", {"num_units": 2}),
+    }
+    rows = []
+    for label in args.methods.split(","):
+        name, options = specs[label]
+        r, _ = run_method(
+            name,
+            args.scenario.upper(),
+            data,
+            model,
+            train,
+            work,
+            args.seed,
+            taskset=taskset,
+            options=options,
+            label=label,
+            threads=args.threads,
+        )
+        rows.extend(r)
+
+    summary = summarise(rows, taskset.names)
+    stem = write_results(
+        f"dvn_{args.scenario}",
+        rows,
+        args.seed,
+        args.out,
+        extra={
+            "scenario": args.scenario.upper(),
+            "backbone": f"resnet{args.depth} (CIFAR layout) width {args.width}",
+            "train_size_per_task": args.train_size,
+            "epochs": args.epochs,
+            "summary": summary,
+        },
+    )
+    with open(f"{stem}.md", "a") as f:
+        f.write("\n## Summary\n\n" + summary["markdown"] + "\n")
+    print(summary["markdown"])
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+def summarise(rows: list[dict], tasks: list[str]) -> dict:
+    acc = {(r["method"], r["task"], r["level"]): r["accuracy"] for r in rows}
+    total = {r["method"]: r["total_params"] for r in rows}
+    lines = [
+        "| task | individual | individual-half | DVN single unit | DVN all units | NestedNet | PackNet+ |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    checks = []
+    for t in tasks:
+        ind, half = acc.get(("individual", t, 1)), acc.get(("individual-half", t, 1))
+        d1, d2 = acc.get(("dvn", t, 1)), acc.get(("dvn", t, 2))
+        nest = next((v for (m, tt, _), v in acc.items() if m == "nestednet" and tt == t), None)
+        pack = next((v for (m, tt, _), v in acc.items() if m == "packnet-grouped" and tt == t), None)
+        cells = [ind, half, d1, d2, nest, pack]
+        lines.append(f"| {t} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")
+        if None not in (ind, d1, d2):
+            checks.append(
+                {
+                    "task": t,
+                    "all_units_gap": ind - d2,
+                    "all_units_within_0.5": ind - d2 <= 0.5,
+                    "single_unit_gap": ind - d1,
+                    "single_unit_within_2": ind - d1 <= 2.0,
+                }
+            )
+    lines.append(
+        "| total parameters | "
+        + " | ".join(
+            f"{total[m]:,}" if m in total else "-"
+            for m in ("individual", "individual-half", "dvn", "dvn", "nestednet", "packnet-grouped")
+        )
+        + " |"
+    )
+    ratio = total["dvn"] / total["individual"] if "dvn" in total and "individual" in total else None
+    text = (
+        "\n".join(lines) + "\n\nAccuracy (%) on the full test splits. Gaps to the individual network "
+        "(points, positive = DVN lower):\n\n"
+        + "\n".join(
+            f"- {c['task']}: all units {c['all_units_gap']:+.2f} (target <= 0.5: "
+            f"{'met' if c['all_units_within_0.5'] else 'missed'}), single unit {c['single_unit_gap']:+.2f} "
+            f"(target <= 2: {'met' if c['single_unit_within_2'] else 'missed'})"
+            for c in checks
+        )
+    )
+    if ratio is not None:
+        text += f"\n- DVN's parameters / the two individual networks': {ratio:.3f} (target about 0.5)"
+    return {"markdown": text, "checks": checks, "dvn_over_individual_params": ratio}
+
+
+if __name__ == "__main__":
+    main()

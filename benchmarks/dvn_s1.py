@@ -1,0 +1,132 @@
+"""Benchmark: DVN sequential learning (the paper's S1) at small scale.
+
+Classes 0-4 then 5-9 of one dataset (Fashion-MNIST by default) as two tasks learned one after the other
+without the first task's data. DVN (sequential mode, Sec. 3.3) adds a unit with the second task and keeps
+the first task's levels by distillation (eq. 6); it is compared with LwF (its nh = 1 case), feature
+extraction and fine-tuning on the same ResNet and schedule. Rows: every task's accuracy after each added
+task (from the runs' per-phase checkpoints), and the final accuracy per (task, level) with costs.
+
+Run:  python benchmarks/dvn_s1.py [--data-root ../shared/data] [--dataset fashion_mnist] [--epochs 4]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from _common import parser, run_method, write_results  # noqa: E402
+
+from virtnet import api  # noqa: E402
+from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--width", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--train-size", type=int, default=None, help="training images per task (default: all)")
+    p.add_argument("--methods", default="dvn,lwf,feature_extraction,finetune")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    data = {
+        "root": args.data_root,
+        "sampling": "all",
+        "scenario": {
+            "kind": "split_classes",
+            "dataset": args.dataset,
+            "splits": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
+            "train_size": args.train_size,
+        },
+    }
+    taskset = build_taskset(DataConfig.model_validate(data), args.seed)
+    model = {"name": "resnet", "depth": args.depth, "width": args.width}
+    train = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "optimizer": "sgd",
+        "lr": args.lr,
+        "nesterov": True,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "cosine",
+    }
+    work = Path(args.work_dir or "runs/bench/dvn_s1")
+    options = {"dvn": {"mode": "sequential"}, "lwf": {}, "feature_extraction": {}, "finetune": {}}
+    rows, final = [], {}
+    for name in args.methods.split(","):
+        r, run = run_method(
+            name,
+            "S1",
+            data,
+            model,
+            train,
+            work,
+            args.seed,
+            taskset=taskset,
+            options=options[name],
+            threads=args.threads,
+        )
+        for row in r:
+            rows.append({**row, "stage": "final"})
+        for s in api.sequence_rows(run.out_dir / "model.json", taskset):
+            rows.append(
+                {
+                    "method": name,
+                    "scenario": "S1",
+                    "stage": f"after {s['after_task']}",
+                    "task": s["task"],
+                    "level": s["level"],
+                    "accuracy": s["accuracy"],
+                    "params": next(
+                        x["params"] for x in r if x["task"] == s["task"] and x["level"] == s["level"]
+                    )
+                    if s["level"]
+                    else 0,
+                    "flops": next(
+                        x["flops"] for x in r if x["task"] == s["task"] and x["level"] == s["level"]
+                    ),
+                    "after_task": s["after_task"],
+                }
+            )
+        final[name] = {(x["task"], x["level"]): x["accuracy"] for x in r}
+
+    t0, t1 = taskset.names
+    lines = ["| method | " + f"{t0} (old task) | {t1} (new task) | total parameters |", "|---|---|---|---|"]
+    for name, acc in final.items():
+        cells = []
+        for t in (t0, t1):
+            levels = sorted(lv for (tt, lv) in acc if tt == t)
+            cells.append(" / ".join(f"{acc[(t, lv)]:.2f}" for lv in levels))
+        total = next(x["total_params"] for x in rows if x["method"] == name and x.get("stage") == "final")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {total:,} |")
+    text = "\n".join(lines) + (
+        "\n\nFinal test accuracy (%); for DVN, `a / b` is level 1 (one unit) / level 2 "
+        "(both units). Accuracy after each added task: the rows with stage 'after ...'."
+    )
+    stem = write_results(
+        "dvn_s1",
+        rows,
+        args.seed,
+        args.out,
+        extra={
+            "dataset": args.dataset,
+            "backbone": f"resnet{args.depth} width {args.width}",
+            "epochs_per_task": args.epochs,
+            "train_size_per_task": args.train_size,
+        },
+    )
+    with open(f"{stem}.md", "a") as f:
+        f.write("\n## Summary\n\n" + text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

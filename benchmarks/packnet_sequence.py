@@ -1,0 +1,453 @@
+"""Benchmark: PackNet against LwF, fine-tuning, feature extraction and individual networks, task by task.
+
+Sequences (each task learned once, in order, without the earlier tasks' data):
+
+* ``A``: MNIST -> Fashion-MNIST -> KMNIST-10k -> digits (8x8, the others 28x28);
+* ``B``: KMNIST-10k -> Fashion-MNIST -> MNIST;
+
+on a small VGG (VGG-11 with batch norm, width 0.25, one hidden FC layer of 128) and a small ResNet
+(ResNet-20, CIFAR layout, width 0.5). Every task has its own stem (3x3 convolution + BN mapping its images
+to the trunk's 14x14 input: stride 2 for 28x28, bilinear upsampling for 8x8) and its own linear head;
+stems and heads are task-specific parameters and count in the storage.
+
+After each added task, every task learned so far is evaluated on its full test split (MNIST and
+Fashion-MNIST 10,000 images, KMNIST-10k its own 2,000, digits 360), read from the run's per-phase
+checkpoints like ``virtnet eval RUN/model.json --sequence``. Training sets are stratified seeded subsamples
+(``--train-size`` per task, digits whole: 1,437). Storage in bytes: PackNet = float32 base weights +
+packed ownership map (ceil(log2(N+1)) bits per prunable weight) + stems, heads and the shared batch
+norm; the others = their tensors' bytes; "one network" = one individual network (stem, trunk, head).
+
+Run:  python benchmarks/packnet_sequence.py --threads 1
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from _common import parser, write_results  # noqa: E402
+
+from virtnet import api  # noqa: E402
+from virtnet.config import RunConfig  # noqa: E402
+from virtnet.cost import count_flops, plot_error_matrix, tensor_bytes, write_report  # noqa: E402
+from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
+from virtnet.data.core import TaskSet  # noqa: E402
+from virtnet.train import evaluate  # noqa: E402
+
+BACKBONES = {
+    "vgg": {"name": "vgg", "depth": 11, "width": 0.25},
+    "resnet": {"name": "resnet", "depth": 20, "width": 0.5},
+}
+ORDERS = {
+    "A": ["mnist", "fashion_mnist", "kmnist10k", "digits"],
+    "B": ["kmnist10k", "fashion_mnist", "mnist"],
+}
+SEQUENTIAL = ["packnet", "packnet_task_bn", "lwf", "finetune", "feature_extraction"]
+LABEL = {
+    "packnet": "PackNet",
+    "packnet_task_bn": "PackNet, task-specific BN",
+    "lwf": "LwF",
+    "finetune": "fine-tuning",
+    "feature_extraction": "feature extraction",
+    "individual": "individual networks",
+}
+
+
+def task_config(name: str, train_size: int) -> dict[str, Any]:
+    if name == "digits":
+        return {"name": "digits", "dataset": "digits"}
+    return {"name": name, "dataset": name, "train_size": train_size}
+
+
+def method_options(method: str, args: Any, num_tasks: int) -> dict[str, Any]:
+    if method in ("packnet", "packnet_task_bn"):
+        return {
+            "shared_stem": False,
+            "prune_ratios": [0.5] + [0.75] * (num_tasks - 2),  # the last task is not pruned
+            "retrain_epochs": args.retrain_epochs,
+            "retrain_lr": args.lr * args.retrain_lr_factor,
+            "task_specific_bn": method == "packnet_task_bn",
+        }
+    if method == "lwf":
+        return {"shared_stem": False, "warmup_epochs": args.lwf_warmup}
+    if method in ("finetune", "feature_extraction"):
+        return {"shared_stem": False}
+    return {}
+
+
+def run_config(args: Any, backbone: str, method: str, tasks: list[str], out: Path) -> RunConfig:
+    return RunConfig.from_dict(
+        {
+            "seed": args.seed,
+            "output_dir": str(out),
+            "data": {"root": args.data_root, "tasks": [task_config(t, args.train_size) for t in tasks]},
+            "model": {**BACKBONES[backbone], "feature_size": args.feature_size},
+            "method": {"name": method.split("_task")[0], **method_options(method, args, len(tasks))},
+            "train": {
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "optimizer": "sgd",
+                "lr": args.lr,
+                "momentum": 0.9,
+                "weight_decay": 5e-4,
+                "schedule": "cosine",
+                "eval_every": 0,
+                "checkpoint_every": 0,
+                "threads": args.threads,
+                "progress": False,
+            },
+        }
+    )
+
+
+def after_each_task(run_dir: Path, taskset: TaskSet) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Accuracy of every task learned so far after each added task (the last phase of each task), and the
+    accuracy of each PackNet task right after pruning, before re-training (its own train phase)."""
+    rows: list[dict[str, Any]] = []
+    pruned: dict[str, float] = {}
+    loaded = api.load(run_dir / "model.json")
+    phases = loaded.method.phases(taskset.names)
+    for i, task in enumerate(taskset.names):
+        mine = [p.index for p in phases if p.tasks == [task]]
+        last = api.load(run_dir / "checkpoints" / f"phase-{max(mine)}.json")
+        acc = evaluate(last.method, last.model, taskset, split="test", tasks=taskset.names[: i + 1])
+        for r in acc:
+            rows.append({"after_task": task, "after_index": i + 1, "task": r["task"], **_acc(r)})
+        if len(mine) > 1:  # PackNet: the train phase's checkpoint holds the pruned, not re-trained net
+            first = api.load(run_dir / "checkpoints" / f"phase-{min(mine)}.json")
+            pruned[task] = evaluate(first.method, first.model, taskset, split="test", tasks=[task])[0][
+                "accuracy"
+            ]
+    return rows, pruned
+
+
+def _acc(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "accuracy": r["accuracy"],
+        "error": 100.0 - r["accuracy"],
+        "correct": r["correct"],
+        "total": r["total"],
+    }
+
+
+def flops_of(loaded: api.Loaded, task: str) -> int:
+    spec = next(s for s in loaded.specs if s.name == task)
+    net = loaded.method.export(loaded.model, task)
+    return count_flops(net, (spec.in_channels, spec.input_size, spec.input_size))
+
+
+def storage_of(method: str, loaded: api.Loaded, work: Path) -> dict[str, Any]:
+    model = loaded.model
+    if method.startswith("packnet"):
+        s = model.storage()
+        stem = model.save_ownership(work / "ownership").with_suffix(".safetensors")
+        return {
+            "model_bytes": s["total"],
+            "base_weights_bytes": s["base_weights"],
+            "shared_other_bytes": s["shared_other"],
+            "ownership_packed_bytes": s["ownership_packed"],
+            "ownership_bits": s["ownership_bits"],
+            "ownership_file_bytes": stem.stat().st_size,
+            "task_bytes": sum(s["tasks"].values()),
+            "prunable_weights": model.ownership.numel(),
+            "owned_weights": {
+                model.task_names[k - 1] if k else "free": c for k, c in model.ownership.counts().items()
+            },
+        }
+    return {"model_bytes": tensor_bytes(model)}
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--backbones", default="vgg,resnet")
+    p.add_argument("--orders", default="A,B")
+    p.add_argument("--methods", default="packnet,packnet_task_bn,lwf,finetune,feature_extraction,individual")
+    p.add_argument("--train-size", type=int, default=6000, help="training images per task (digits: all)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per task")
+    p.add_argument("--retrain-epochs", type=int, default=1, help="PackNet re-training epochs after pruning")
+    p.add_argument("--retrain-lr-factor", type=float, default=0.1, help="PackNet re-training lr / lr")
+    p.add_argument("--lwf-warmup", type=int, default=1, help="LwF epochs training the new head alone")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--feature-size", type=int, default=14)
+    p.add_argument(
+        "--summary-only", action="store_true", help="rewrite the .md and plots from the results JSON"
+    )
+    args = p.parse_args()
+    if args.summary_only:
+        stem = (
+            Path(args.out)
+            if args.out
+            else Path(__file__).resolve().parents[1] / "docs/results/packnet_sequence"
+        )
+        doc = json.loads(stem.with_name(stem.name + ".json").read_text())
+        write_report(doc["rows"], stem, {k: v for k, v in doc.items() if k != "rows"})  # the plain .md
+        rows = [r for r in doc["rows"] if r["task"] != "(all)"]
+        storage = [r for r in doc["rows"] if r["task"] == "(all)"]
+        write_summary(stem, rows, storage, doc["acceptance"], doc["orders"], args)
+        return
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    orders = {k: ORDERS[k] for k in args.orders.split(",")}
+    methods = args.methods.split(",")
+    all_tasks = list(dict.fromkeys(t for o in orders.values() for t in o))
+    data = DataConfig.model_validate(
+        {"root": args.data_root, "tasks": [task_config(t, args.train_size) for t in all_tasks]}
+    )
+    full = build_taskset(data, args.seed)
+    work = Path(args.work_dir or "runs/bench/packnet_sequence")
+    rows: list[dict[str, Any]] = []
+    storage_rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    for backbone in args.backbones.split(","):
+        one_network = None
+        individual_acc: dict[str, float] = {}
+        if "individual" in methods:
+            out = work / backbone / "individual"
+            cfg = run_config(args, backbone, "individual", all_tasks, out)
+            run = api.train(cfg, taskset=full, log=lambda s: None)
+            loaded = api.load(out / "model.json")
+            sizes = {t: tensor_bytes(loaded.model.nets[t]) for t in all_tasks}
+            one_network = sizes[all_tasks[0]]
+            individual_acc = {r["task"]: r["accuracy"] for r in run.test_rows}
+            print(f"[{backbone}] individual: {individual_acc}; one network {one_network:,} bytes", flush=True)
+            for order, tasks in orders.items():
+                total = sum(sizes[t] for t in tasks)
+                for r in run.test_rows:
+                    if r["task"] in tasks:
+                        rows.append(
+                            {
+                                "method": "individual",
+                                "scenario": order,
+                                "backbone": backbone,
+                                "after_task": r["task"],
+                                "after_index": tasks.index(r["task"]) + 1,
+                                "task": r["task"],
+                                "level": 1,
+                                **_acc(r),
+                                "params": sum(p.numel() for p in loaded.model.nets[r["task"]].parameters()),
+                                "flops": flops_of(loaded, r["task"]),
+                                "model_bytes": sizes[r["task"]],
+                                "seconds_per_epoch": statistics.median(run.summary["epoch_seconds"]),
+                            }
+                        )
+                storage_rows.append(
+                    {
+                        "method": "individual",
+                        "scenario": order,
+                        "backbone": backbone,
+                        "task": "(all)",
+                        "level": 1,
+                        "accuracy": None,
+                        "params": sum(p.numel() for t in tasks for p in loaded.model.nets[t].parameters()),
+                        "flops": None,
+                        "models": len(tasks),
+                        "model_bytes": total,
+                        "bytes_vs_one_network": total / one_network,
+                    }
+                )
+        for order, tasks in orders.items():
+            ts = TaskSet([full[t] for t in tasks], f"order {order}")
+            for method in [m for m in methods if m in SEQUENTIAL]:
+                out = work / backbone / order / method
+                t0 = time.perf_counter()
+                run = api.train(
+                    run_config(args, backbone, method, tasks, out), taskset=ts, log=lambda s: None
+                )
+                seconds = time.perf_counter() - t0
+                seq, pruned = after_each_task(out, ts)
+                loaded = api.load(out / "model.json")
+                store = storage_of(method, loaded, out)
+                params = api.total_parameters(loaded.model)
+                flops = {t: flops_of(loaded, t) for t in tasks}
+                for r in seq:
+                    row = {
+                        "method": method,
+                        "scenario": order,
+                        "backbone": backbone,
+                        **r,
+                        "level": 1,
+                        "params": params,
+                        "flops": flops[r["task"]],
+                        "model_bytes": store["model_bytes"],
+                        "train_seconds": seconds,
+                    }
+                    if r["task"] in individual_acc:
+                        row["vs_individual"] = r["accuracy"] - individual_acc[r["task"]]
+                    if r["task"] == r["after_task"] and r["task"] in pruned:
+                        row["accuracy_pruned_before_retrain"] = pruned[r["task"]]
+                    rows.append(row)
+                storage_rows.append(
+                    {
+                        "method": method,
+                        "scenario": order,
+                        "backbone": backbone,
+                        "task": "(all)",
+                        "level": 1,
+                        "accuracy": None,
+                        "params": params,
+                        "flops": None,
+                        "models": 1,
+                        **store,
+                        "bytes_vs_one_network": store["model_bytes"] / one_network if one_network else None,
+                    }
+                )
+                final = [r for r in seq if r["after_index"] == len(tasks)]
+                print(
+                    f"[{backbone} {order}] {method} ({seconds:.0f}s): "
+                    + ", ".join(f"{r['task']} {r['accuracy']:.2f}" for r in final),
+                    flush=True,
+                )
+            summary[f"{backbone} {order}"] = acceptance(rows, storage_rows, backbone, order, tasks)
+    elapsed = time.perf_counter() - t_start
+    stem = write_results(
+        "packnet_sequence",
+        rows + storage_rows,
+        args.seed,
+        args.out,
+        extra={
+            "orders": {k: v for k, v in orders.items()},
+            "backbones": {b: BACKBONES[b] for b in args.backbones.split(",")},
+            "feature_size": args.feature_size,
+            "train_size_per_task": args.train_size,
+            "epochs_per_task": args.epochs,
+            "packnet": method_options("packnet", args, 4) | {"prune_ratios (3 tasks)": [0.5, 0.75]},
+            "packnet_task_bn": "packnet with task_specific_bn: true",
+            "lwf_warmup_epochs": args.lwf_warmup,
+            "optimizer": f"SGD, Nesterov momentum 0.9, weight decay 5e-4, lr {args.lr}, cosine per task, "
+            f"batch {args.batch_size}",
+            "acceptance": summary,
+            "wall_seconds": round(elapsed, 1),
+        },
+        notes="accuracy: % on the full test split after adding task after_index (after_task); error = 100 - "
+        "accuracy. Rows with task '(all)' are storage rows (model_bytes, bytes_vs_one_network).",
+    )
+    write_summary(stem, rows, storage_rows, summary, orders, args)
+    print(f"wrote {stem}.json and {stem}.md ({elapsed:.0f}s)")
+
+
+def acceptance(
+    rows: list[dict[str, Any]], storage: list[dict[str, Any]], backbone: str, order: str, tasks: list[str]
+) -> dict[str, Any]:
+    """The issue's targets for each PackNet variant on one (backbone, order)."""
+    mine = [r for r in rows if r["backbone"] == backbone and r["scenario"] == order]
+    ind = {r["task"]: r["accuracy"] for r in mine if r["method"] == "individual"}
+    out: dict[str, Any] = {}
+    for method in ("packnet", "packnet_task_bn"):
+        pn = {(r["after_task"], r["task"]): r for r in mine if r["method"] == method}
+        if not pn:
+            continue
+        res: dict[str, Any] = {}
+        changes = []
+        for i, t in enumerate(tasks):
+            own = pn[(t, t)]
+            for later in tasks[i + 1 :]:
+                changes.append(abs(pn[(later, t)]["accuracy"] - own["accuracy"]))
+                changes.append(abs(pn[(later, t)]["correct"] - own["correct"]))
+        res["max_change_of_prior_tasks_points"] = max(changes) if changes else 0.0
+        final = {t: pn[(tasks[-1], t)]["accuracy"] for t in tasks}
+        if ind:
+            gaps = {t: round(final[t] - ind[t], 2) for t in tasks}
+            res["minus_individual_points"] = gaps
+            res["within_2_points"] = [t for t, g in gaps.items() if g >= -2.0]
+            res["not_within_2_points"] = [t for t, g in gaps.items() if g < -2.0]
+        st = next(
+            (
+                s
+                for s in storage
+                if s["backbone"] == backbone and s["scenario"] == order and s["method"] == method
+            ),
+            None,
+        )
+        if st is not None and st.get("bytes_vs_one_network") is not None:
+            res["storage_vs_one_network"] = round(st["bytes_vs_one_network"], 4)
+            res["storage_at_most_1.1"] = st["bytes_vs_one_network"] <= 1.1
+        out[method] = res
+    return out
+
+
+def write_summary(
+    stem: Path,
+    rows: list[dict[str, Any]],
+    storage: list[dict[str, Any]],
+    summary: dict[str, Any],
+    orders: dict[str, list[str]],
+    args: Any,
+) -> None:
+    """Prepend readable tables (Figure-2-style error matrices, final accuracies, storage) to the .md and
+    draw the PackNet and LwF error matrices as PNGs next to it."""
+    md = stem.with_name(stem.name + ".md")
+    _, meta, table = md.read_text().split("\n\n", 2)  # write_report's layout: title, meta lines, table
+    parts = [
+        "# PackNet: error of every task after each added task\n\n",
+        meta + "\n\nAccuracies and errors are % on the full test splits; `x one network` divides a "
+        "model's storage in bytes by one individual network's (stem, trunk, head).\n",
+    ]
+    for key, acc in summary.items():
+        backbone, order = key.split()
+        tasks = orders[order]
+        mine = [r for r in rows if r["backbone"] == backbone and r["scenario"] == order]
+        parts.append(f"\n## {backbone}, order {order}: {' -> '.join(tasks)}\n")
+        for method in [m for m in SEQUENTIAL if any(r["method"] == m for r in mine)]:
+            cell = {(r["after_task"], r["task"]): r["error"] for r in mine if r["method"] == method}
+            matrix = [[cell.get((a, t)) for t in tasks] for a in tasks]
+            lines = [
+                f"\n{LABEL[method]}: error (%) after adding each task\n",
+                "| after adding | " + " | ".join(tasks) + " |",
+                "|---|" + "---:|" * len(tasks),
+            ]
+            for a, row in zip(tasks, matrix, strict=True):
+                lines.append(f"| {a} | " + " | ".join("" if v is None else f"{v:.2f}" for v in row) + " |")
+            parts.append("\n".join(lines) + "\n")
+            if method in ("packnet", "packnet_task_bn", "lwf"):
+                png = stem.with_name(f"{stem.name}_{backbone}_{order}_{method}.png")
+                plot_error_matrix(
+                    matrix,
+                    tasks,
+                    tasks,
+                    png,
+                    title=f"{LABEL[method]}, {backbone}, order {order}: error (%)",
+                    xlabel="task",
+                    ylabel="after adding",
+                )
+                parts.append(f"\n![{method} {backbone} {order}]({png.name})\n")
+        final = {
+            (r["method"], r["task"]): r["accuracy"]
+            for r in mine
+            if r["after_index"] == len(tasks) or r["method"] == "individual"
+        }
+        methods = [m for m in [*SEQUENTIAL, "individual"] if any((m, t) in final for t in tasks)]
+        lines = [
+            "\nAccuracy (%) after the last task\n",
+            "| task | " + " | ".join(LABEL[m] for m in methods) + " |",
+            "|---|" + "---:|" * len(methods),
+        ]
+        for t in tasks:
+            lines.append(
+                f"| {t} | " + " | ".join(f"{final.get((m, t), float('nan')):.2f}" for m in methods) + " |"
+            )
+        parts.append("\n".join(lines) + "\n")
+        st = [s for s in storage if s["backbone"] == backbone and s["scenario"] == order]
+        lines = ["\nStorage\n", "| method | # models | bytes | x one network |", "|---|---:|---:|---:|"]
+        for s in st:
+            ratio = s.get("bytes_vs_one_network")
+            lines.append(
+                f"| {LABEL[s['method']]} | {s['models']} | {s['model_bytes']:,} | "
+                + ("" if ratio is None else f"{ratio:.3f}")
+                + " |"
+            )
+        parts.append("\n".join(lines) + "\n")
+        parts.append("\nTargets (PackNet): `" + json.dumps(acc) + "`\n")
+    parts.append("\n# All rows\n\n")
+    md.write_text("".join(parts) + table)
+
+
+if __name__ == "__main__":
+    main()
