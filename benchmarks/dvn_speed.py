@@ -205,8 +205,9 @@ def main() -> None:
         f"- in-library virtual forward (eval, cached slices) over the exported network, worst level: "
         f"{virt:.3f}x at batch 64, {virt_b1:.3f}x at batch 1 (target <= 1.15: "
         f"{'met' if max(virt, virt_b1) <= 1.15 else 'missed'})",
-        f"- joint-learning step (all {k} levels) {summary['joint_step_ms_median']:.0f} ms vs the summed steps of "
-        f"plain networks of the level sizes {summary['plain_steps_ms_median']:.0f} ms: ratio {step_ratio:.3f} "
+        f"- joint-learning step (all {k} levels) {summary['joint_step_ms_median']:.0f} ms vs the summed "
+        f"steps of plain networks of the level sizes {summary['plain_steps_ms_median']:.0f} ms: "
+        f"ratio {step_ratio:.3f} "
         f"(target <= 1.2: {'met' if step_ratio <= 1.2 else 'missed'})",
     ]
     with open(f"{stem}.md", "a") as f:
