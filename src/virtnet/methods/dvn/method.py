@@ -35,9 +35,8 @@ from virtnet.errors import ConfigError
 from virtnet.export.compact import compact
 from virtnet.methods.base import Level, Method, MethodConfig, Phase, register, task_loss
 from virtnet.methods.baselines.lwf import as_input_of, distillation_loss
-from virtnet.methods.dvn.model import VirtualNet, level_key
+from virtnet.methods.dvn.model import VirtualNet
 from virtnet.methods.dvn.units import check_order, rule_orders
-from virtnet.nn import SwitchableBatchNorm
 from virtnet.nn.layers import _Sliced
 
 
@@ -187,18 +186,14 @@ class DVN(Method):
         """Eq. 6: every level of every old task against the old network's output on the new data.
 
         Level l of an old task is matched to the old network's level l; the level that the new unit
-        adds is matched to the old network's largest level. Old configurations keep their batch-norm
-        statistics (eval mode); the new ones learn theirs from the new data.
+        adds is matched to the old network's largest level. Every configuration's batch norms normalise
+        with batch statistics and update their running statistics on the new data, as LwF's shared trunk
+        does (freezing the old configurations' statistics while their weights move made their
+        activations diverge at lr 0.1).
         """
         assert self._teacher is not None
         teacher = self._teacher
         ((_, b),) = batches.items()
-        old_keys = {level_key(t, lv) for t in phase.info["learned"] for lv in teacher.levels_of(t)}
-        for m in model.modules():
-            if isinstance(m, SwitchableBatchNorm):
-                for key, bn in m.norms.items():
-                    if key in old_keys:
-                        bn.eval()
         total = torch.zeros(())
         for old in phase.info["learned"]:
             x = as_input_of(b.x, model.spec(old))
