@@ -45,6 +45,7 @@ BACKBONES = {
     "vgg": {"name": "vgg", "depth": 11, "width": 0.25},
     "resnet": {"name": "resnet", "depth": 20, "width": 0.5},
 }
+SHORT = {"packnet": "PackNet", "packnet_task_bn": "PackNet, task BN", "lwf": "LwF"}  # plot titles
 ORDERS = {
     "A": ["mnist", "fashion_mnist", "kmnist10k", "digits"],
     "B": ["kmnist10k", "fashion_mnist", "mnist"],
@@ -70,7 +71,7 @@ def method_options(method: str, args: Any, num_tasks: int) -> dict[str, Any]:
     if method in ("packnet", "packnet_task_bn"):
         return {
             "shared_stem": False,
-            "prune_ratios": [0.5] + [0.75] * (num_tasks - 2),  # the last task is not pruned
+            "prune_ratios": [args.first_ratio] + [0.75] * (num_tasks - 2),  # the last task is not pruned
             "retrain_epochs": args.retrain_epochs,
             "retrain_lr": args.lr * args.retrain_lr_factor,
             "task_specific_bn": method == "packnet_task_bn",
@@ -171,6 +172,7 @@ def main() -> None:
     p.add_argument("--methods", default="packnet,packnet_task_bn,lwf,finetune,feature_extraction,individual")
     p.add_argument("--train-size", type=int, default=6000, help="training images per task (digits: all)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per task")
+    p.add_argument("--first-ratio", type=float, default=0.5, help="PackNet pruning ratio of the first task")
     p.add_argument("--retrain-epochs", type=int, default=1, help="PackNet re-training epochs after pruning")
     p.add_argument("--retrain-lr-factor", type=float, default=0.1, help="PackNet re-training lr / lr")
     p.add_argument("--lwf-warmup", type=int, default=1, help="LwF epochs training the new head alone")
@@ -318,7 +320,8 @@ def main() -> None:
             "feature_size": args.feature_size,
             "train_size_per_task": args.train_size,
             "epochs_per_task": args.epochs,
-            "packnet": method_options("packnet", args, 4) | {"prune_ratios (3 tasks)": [0.5, 0.75]},
+            "packnet": method_options("packnet", args, 4)
+            | {"prune_ratios (3 tasks)": [args.first_ratio, 0.75]},
             "packnet_task_bn": "packnet with task_specific_bn: true",
             "lwf_warmup_epochs": args.lwf_warmup,
             "optimizer": f"SGD, Nesterov momentum 0.9, weight decay 5e-4, lr {args.lr}, cosine per task, "
@@ -413,7 +416,7 @@ def write_summary(
                     tasks,
                     tasks,
                     png,
-                    title=f"{LABEL[method]}, {backbone}, order {order}: error (%)",
+                    title=f"{SHORT[method]}, {backbone} {order}: error (%)",
                     xlabel="task",
                     ylabel="after adding",
                 )

@@ -10,7 +10,8 @@ the values.
 Rounds alternate between the two methods (``--steps`` steps of one, then of the other, the order swapped
 every round), so both see the same machine load; the per-step time of a round is its wall time over its
 steps, and the reported ratio is median(PackNet) / median(fine-tuning) over ``--rounds`` rounds, measured
-in one run.
+in one run. The same ratio is also given in process CPU time: on a machine shared with other jobs the
+wall time of identical steps varies by 2x or more, the CPU time much less.
 
 Run:  python benchmarks/packnet_speed.py --threads 1
 """
@@ -54,8 +55,9 @@ class Stepper:
         self.batches = {task: Batch(task, x, y, None)}
         model.train()
 
-    def run(self, n: int) -> float:
-        t0 = time.perf_counter()
+    def run(self, n: int) -> tuple[float, float]:
+        """``n`` steps; returns (wall seconds, process CPU seconds)."""
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             set_lr(self.opt, self.cfg.lr, 1.0)
             out = self.method.training_step(self.model, self.batches, self.phase)
@@ -63,7 +65,7 @@ class Stepper:
             out["loss"].backward()
             self.opt.step()
             self.method.after_step(self.model, self.phase)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
 def setup(backbone: BackboneConfig, stage: str, cfg: TrainConfig) -> tuple[Stepper, Stepper]:
@@ -89,8 +91,8 @@ def setup(backbone: BackboneConfig, stage: str, cfg: TrainConfig) -> tuple[Stepp
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--backbones", default="vgg,resnet")
-    p.add_argument("--rounds", type=int, default=21)
-    p.add_argument("--steps", type=int, default=5, help="steps per method per round")
+    p.add_argument("--rounds", type=int, default=101)
+    p.add_argument("--steps", type=int, default=2, help="steps per method per round")
     p.add_argument("--feature-size", type=int, default=14)
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args()
@@ -103,12 +105,17 @@ def main() -> None:
             pn, ft = setup(backbone, stage, cfg)
             pn.run(3), ft.run(3)  # warm-up
             times: dict[str, list[float]] = {"packnet": [], "finetune": []}
+            cpu: dict[str, list[float]] = {"packnet": [], "finetune": []}
             for r in range(args.rounds):
                 order = [("packnet", pn), ("finetune", ft)]
                 for name, s in order if r % 2 == 0 else order[::-1]:
-                    times[name].append(s.run(args.steps) / args.steps)
+                    wall, proc = s.run(args.steps)
+                    times[name].append(wall / args.steps)
+                    cpu[name].append(proc / args.steps)
             med = {k: statistics.median(v) for k, v in times.items()}
+            cmed = {k: statistics.median(v) for k, v in cpu.items()}
             ratio = med["packnet"] / med["finetune"]
+            cratio = cmed["packnet"] / cmed["finetune"]
             task = pn.phase.tasks[0]
             for name, s in (("packnet", pn), ("finetune", ft)):
                 net = s.method.export(s.model, task) if name == "packnet" else s.model.task_network(task)
@@ -126,13 +133,15 @@ def main() -> None:
                         "step_ms_min": 1000 * min(times[name]),
                         "step_ms_max": 1000 * max(times[name]),
                         "ratio_to_finetune": med[name] / med["finetune"],
+                        "cpu_ms_median": 1000 * cmed[name],
+                        "cpu_ratio_to_finetune": cmed[name] / cmed["finetune"],
                         "rounds": args.rounds,
                         "steps_per_round": args.steps,
                     }
                 )
             print(
                 f"{bname} {stage}: packnet {1000 * med['packnet']:.2f} ms, finetune "
-                f"{1000 * med['finetune']:.2f} ms per step; ratio {ratio:.3f}",
+                f"{1000 * med['finetune']:.2f} ms per step; ratio {ratio:.3f} (CPU time: {cratio:.3f})",
                 flush=True,
             )
     stem = write_results(
@@ -147,8 +156,9 @@ def main() -> None:
             "target": "PackNet step <= 1.1 x fine-tuning step (ratio_to_finetune of the packnet rows)",
         },
         notes="step_ms_*: wall time of one loop-body step (training_step, zero_grad, backward, "
-        "optimizer step, after_step), per round of steps_per_round steps; ratio = ratio of the medians "
-        "over rounds that alternate between the two methods.",
+        "optimizer step, after_step), per round of steps_per_round steps; ratio_to_finetune = ratio of the "
+        "medians over rounds that alternate between the two methods; cpu_*: the same with the process's "
+        "CPU time (one thread: the step's own cost, without the time the shared cores ran other jobs).",
     )
     print(f"wrote {stem}.json and {stem}.md")
 

@@ -61,9 +61,9 @@ class Phase:
         tasks: the tasks whose data this phase trains on (one batch of each per step, or one task per
             step depending on the loader's sampling).
         index: position of the phase in the method's list.
-        info: method-specific data (e.g. the tasks learned before this phase). The loop reads two keys:
-            ``epochs`` and ``lr`` override the ``train:`` section's for this phase (e.g. a warm-up or a
-            re-training phase at a small constant rate).
+        info: method-specific data (e.g. the tasks learned before this phase). The loop reads three
+            keys: ``epochs``, ``lr`` and ``schedule`` override the ``train:`` section's for this phase
+            (e.g. a warm-up, or a re-training phase at a small constant rate: ``schedule: "constant"``).
     """
 
     name: str
@@ -168,6 +168,11 @@ class Method:
     def shared_prefixes(self) -> tuple[str, ...]:
         """Prefixes of the exported parameter names that are shared between tasks (cost accounting)."""
         return ("trunk.",)
+
+    def summary(self, model: nn.Module, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Figures over a whole evaluation that ``virtnet eval`` prints under its table (and adds to its
+        ``--json`` output as ``"summary"``), e.g. a mean accuracy or a score; ``rows``: the table's rows."""
+        return {}
 
 
 def _check_task(model: nn.Module, task: str) -> None:
