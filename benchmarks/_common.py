@@ -127,3 +127,34 @@ def run_method(
         flush=True,
     )
     return rows, run
+
+
+def add_training_args(
+    p: argparse.ArgumentParser,
+    epochs: int,
+    depth: int = 20,
+    width: float = 0.5,
+    batch_size: int = 128,
+    lr: float = 0.1,
+) -> None:
+    """The backbone and schedule options every training benchmark shares."""
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--depth", type=int, default=depth)
+    p.add_argument("--width", type=float, default=width)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+
+
+def sgd_train(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``train:`` section of the benchmarks: SGD with Nesterov momentum 0.9 (DVN Sec. 4.2), weight
+    decay 5e-4, cosine schedule."""
+    return {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "optimizer": "sgd",
+        "lr": args.lr,
+        "nesterov": True,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "cosine",
+    }

@@ -17,19 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import parser, run_method, write_results  # noqa: E402
+from _common import add_training_args, parser, run_method, sgd_train, write_results  # noqa: E402
 
 from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--width", type=float, default=1.0)
+    add_training_args(p, epochs=6, width=1.0, batch_size=64)
     p.add_argument("--feature-size", type=int, default=14)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--train-size", type=int, default=5000, help="training images per task (digits has 1,437)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -46,16 +42,7 @@ def main() -> None:
     }
     taskset = build_taskset(DataConfig.model_validate(data), args.seed)
     model = {"name": "resnet", "depth": args.depth, "width": args.width, "feature_size": args.feature_size}
-    train = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "optimizer": "sgd",
-        "lr": args.lr,
-        "nesterov": True,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "schedule": "cosine",
-    }
+    train = sgd_train(args)
     work = Path(args.work_dir or "runs/bench/dvn_j2")
     rows, _ = run_method(
         "dvn",

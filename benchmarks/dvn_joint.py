@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import parser, run_method, write_results  # noqa: E402
+from _common import add_training_args, parser, run_method, sgd_train, write_results  # noqa: E402
 
 from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
 
@@ -51,11 +51,7 @@ def data_section(scenario: str, root: str | None, n: int | None) -> dict:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--scenario", choices=["j1", "h1"], default="j1")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--width", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
+    add_training_args(p, epochs=4)
     p.add_argument("--train-size", type=int, default=20000, help="training images per task (stratified)")
     p.add_argument("--methods", default="dvn,individual,individual-half,nestednet,packnet-grouped")
     args = p.parse_args()
@@ -64,16 +60,7 @@ def main() -> None:
     data = data_section(args.scenario, args.data_root, args.train_size)
     taskset = build_taskset(DataConfig.model_validate(data), args.seed)
     model = {"name": "resnet", "depth": args.depth, "width": args.width}
-    train = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "optimizer": "sgd",
-        "lr": args.lr,
-        "nesterov": True,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "schedule": "cosine",
-    }
+    train = sgd_train(args)
     work = Path(args.work_dir or f"runs/bench/dvn_{args.scenario}")
     specs = {
         "dvn": ("dvn", {"num_units": 2}),

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import parser, run_method, write_results  # noqa: E402
+from _common import add_training_args, parser, run_method, sgd_train, write_results  # noqa: E402
 
 from virtnet import api  # noqa: E402
 from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
@@ -26,11 +26,7 @@ from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--width", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
+    add_training_args(p, epochs=4)
     p.add_argument("--train-size", type=int, default=None, help="training images per task (default: all)")
     p.add_argument("--methods", default="dvn,lwf,feature_extraction,finetune")
     args = p.parse_args()
@@ -48,16 +44,7 @@ def main() -> None:
     }
     taskset = build_taskset(DataConfig.model_validate(data), args.seed)
     model = {"name": "resnet", "depth": args.depth, "width": args.width}
-    train = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "optimizer": "sgd",
-        "lr": args.lr,
-        "nesterov": True,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "schedule": "cosine",
-    }
+    train = sgd_train(args)
     work = Path(args.work_dir or "runs/bench/dvn_s1")
     options = {"dvn": {"mode": "sequential"}, "lwf": {}, "feature_extraction": {}, "finetune": {}}
     rows, final = [], {}
