@@ -11,6 +11,11 @@ checkpoint:
 * ``series`` / ``parallel`` adapters (all placements), ``parallel (early|mid|late|half)``, ``parallel SVD``
   (cross-domain compression, K = C/2, gamma_t fine-tuned after the SVD).
 
+Every target-domain run trains --epochs epochs (SGD, Nesterov momentum 0.9, cosine schedule, batch 64) at
+the learning rate chosen per method on a validation split by benchmarks/adapters_lr_sweep.py
+(fine-tuning 0.1, parallel and series adapters 0.3); the adapters' weight decay follows the paper's size
+groups (every target here has fewer than 8,000 training images: 0.002).
+
 Reported per method and domain: test accuracy, the decathlon score against fine-tuning's errors (E_max = 2
 x fine-tuning's error), parameters of the deployment of every target relative to one network, and per
 method the mean. Then the transfer-learning curve on one target (--curve-domain): accuracy against the
@@ -87,11 +92,10 @@ def flops_of(method: Any, model: torch.nn.Module, task: str, shape: tuple[int, .
     return count_flops(method.export(model, task), shape)
 
 
-def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+def source_args(p: Any) -> None:
+    """The options shared with adapters_lr_sweep.py (data, universal network, schedule)."""
     p.set_defaults(threads=1)
     p.add_argument("--source", default="fashion_mnist")
-    p.add_argument("--targets", default="mnist,kmnist10k,digits")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--source-train-size", type=int, default=20000)
     p.add_argument(
@@ -102,9 +106,16 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4, help="epochs of every target-domain phase")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr-source", type=float, default=0.1)
-    p.add_argument("--lr-finetune", type=float, default=0.02)
-    p.add_argument("--lr-adapters", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4, help="of the source and the baselines")
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    source_args(p)
+    p.add_argument("--targets", default="mnist,kmnist10k,digits")
+    p.add_argument("--lr-finetune", type=float, default=0.1, help="(docs/results/adapters_lr_sweep.md)")
+    p.add_argument("--lr-adapters", type=float, default=0.3, help="parallel adapters, feature extraction")
+    p.add_argument("--lr-series", type=float, default=0.3, help="series adapters")
     p.add_argument("--methods", default="finetune,feature_extraction," + ",".join(ADAPTER_METHODS))
     p.add_argument("--curve-domain", default="kmnist10k")
     p.add_argument("--fractions", default="0.01,0.05,0.2,1.0")
@@ -224,7 +235,7 @@ def main() -> None:
             target_set,
             model_cfg,
             {"name": "adapters", "init_from": source_ckpt, **options},
-            train_cfg(args, args.epochs, args.lr_adapters),
+            train_cfg(args, args.epochs, args.lr_series if options["kind"] == "series" else args.lr_adapters),
             args.seed,
         )
         counts = r.model.parameter_counts()
@@ -294,6 +305,7 @@ def main() -> None:
                 "lr_source": args.lr_source,
                 "lr_finetune": args.lr_finetune,
                 "lr_adapters": args.lr_adapters,
+                "lr_series": args.lr_series,
                 "weight_decay_baselines": args.weight_decay,
                 "weight_decay_adapters": "by_size (paper groups)",
                 "threads": args.threads,
