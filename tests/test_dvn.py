@@ -381,3 +381,15 @@ def test_more_units_than_channels_names_the_key_from_the_cli(tmp_path, capsys):
     assert main(["train", str(p)]) == 2
     err = capsys.readouterr().err
     assert "method.num_units" in err and err.count("\n") == 1
+
+
+def test_training_after_inference_mode_evaluation():
+    """Index tensors first built under torch.inference_mode must not break a later training step."""
+    method, model = build()
+    model.eval()
+    with torch.inference_mode():
+        for lv in method.levels(model, "a"):
+            model(torch.randn(2, 1, 8, 8), "a", lv.route)
+    model.train()
+    for lv in method.levels(model, "a"):
+        model(torch.randn(2, 1, 8, 8), "a", lv.route).sum().backward()

@@ -101,7 +101,10 @@ class UnitPartition:
             for u in key:
                 if not 0 <= u < self.num_units:
                     raise ConfigError(f"unit {u} does not exist: the layer has {self.num_units} units")
-            idx = torch.cat([torch.arange(self.offsets[u], self.offsets[u] + self.sizes[u]) for u in key])
+            # a normal tensor even when first asked for under inference_mode (evaluation): an inference
+            # tensor cached here would break every later training step that indexes with it
+            with torch.inference_mode(False):
+                idx = torch.cat([torch.arange(self.offsets[u], self.offsets[u] + self.sizes[u]) for u in key])
             self._cache[key] = idx
         return idx
 
