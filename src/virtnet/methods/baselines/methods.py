@@ -27,7 +27,7 @@ from virtnet.backbones.registry import build_multitask
 from virtnet.data.core import Batch
 from virtnet.errors import CheckpointError, TaskError
 from virtnet.methods.base import Method, MethodConfig, Phase, register, task_loss
-from virtnet.nn import Route
+from virtnet.nn import Route, call
 from virtnet.train.checkpoint import load_checkpoint
 
 
@@ -94,13 +94,27 @@ class Joint(Method):
     def training_step(
         self, model: nn.Module, batches: dict[str, Batch], phase: Phase
     ) -> dict[str, torch.Tensor]:
+        """One trunk forward over the concatenated batch of every task.
+
+        The shared trunk's batch norms then normalise training batches with the statistics of the task
+        mixture, which is what their running statistics (used at test time) estimate. Forwarding the tasks
+        one at a time trains each on its own statistics and tests it on the mixture's (measured on MNIST +
+        Fashion-MNIST: Fashion-MNIST 58.9 % instead of 86 %).
+        """
         weights = self.config.task_weights or {}
+        tasks = list(batches)
+        if model.shared_stem:
+            x = torch.cat([batches[t].x for t in tasks])
+            feats = model.trunk(call(model.stem(tasks[0]), x, None), None)
+        else:
+            stems = [call(model.stem(t), batches[t].x, None) for t in tasks]  # (B_t, C, S, S) each
+            feats = model.trunk(torch.cat(stems), None)  # (sum of B_t, F)
         out: dict[str, torch.Tensor] = {}
         total = None
-        for task, b in batches.items():
-            loss = task_loss(model(b.x, task), b)
-            out[f"loss/{task}"] = loss.detach()
-            loss = loss * weights.get(task, 1.0)
+        for t, f in zip(tasks, feats.split([len(batches[t]) for t in tasks]), strict=True):
+            loss = task_loss(model.heads[t](f), batches[t])
+            out[f"loss/{t}"] = loss.detach()
+            loss = loss * weights.get(t, 1.0)
             total = loss if total is None else total + loss
         assert total is not None
         out["loss"] = total
