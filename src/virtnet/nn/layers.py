@@ -52,7 +52,7 @@ class _Sliced(Routed):
     def _init_partitions(self) -> None:
         self.in_partition = None
         self.out_partition = None
-        self._slice_cache: dict[tuple[int, ...], tuple[int, torch.Tensor, torch.Tensor | None]] = {}
+        self._slice_cache: dict[tuple[int, ...], tuple[Any, torch.Tensor, torch.Tensor | None]] = {}
 
     def set_partitions(self, in_partition: UnitPartition | None, out_partition: UnitPartition | None) -> None:
         """Split this layer's input and output channels into units (None: that side is not split)."""
@@ -71,30 +71,36 @@ class _Sliced(Routed):
         return ii, oi
 
     def sliced_parameters(self, route: Route | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight and bias of the route's units (the full tensors when nothing is sliced)."""
+        """The weight and bias of the route's units (the full tensors when nothing is sliced).
+
+        Without autograd the result is cached per set of units and reused while the weights are the same
+        tensors (same storage, same version counter); the cache hit is the fast path of inference.
+        """
         weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
         bias: torch.Tensor | None = self.bias  # type: ignore[attr-defined]
-        ii, oi = self._indices(route)
-        if ii is None and oi is None:
+        if route is None or route.units is None:
             return weight, bias
-        ii = None if ii is None else ii.to(weight.device)  # partitions cache CPU indices
-        oi = None if oi is None else oi.to(weight.device)
-        assert route is not None and route.units is not None
         cacheable = not torch.is_grad_enabled()
-        version = weight._version + (0 if bias is None else bias._version)
         if cacheable:
+            stamp = (
+                weight.data_ptr(),
+                weight._version,
+                None if bias is None else (bias.data_ptr(), bias._version),
+            )
             hit = self._slice_cache.get(route.units)
-            if hit is not None and hit[0] == version:
+            if hit is not None and hit[0] == stamp:
                 return hit[1], hit[2]
+        ii, oi = self._indices(route)
         w = weight
         if oi is not None:
+            oi = oi.to(weight.device)  # partitions cache CPU indices
             w = w.index_select(0, oi)
             if bias is not None:
                 bias = bias.index_select(0, oi)
         if ii is not None:
-            w = w.index_select(1, ii)
+            w = w.index_select(1, ii.to(weight.device))
         if cacheable:
-            self._slice_cache[route.units] = (version, w, bias)
+            self._slice_cache[route.units] = (stamp, w, bias)
         return w, bias
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # device/dtype moves invalidate the cache
