@@ -45,6 +45,16 @@ class TaskSpec:
     num_outputs: int
 
 
+def check_input_shape(spec: TaskSpec, x: torch.Tensor, noun: str = "task") -> None:
+    """Raise DataError when ``x`` is not a ``(B, C, S, S)`` batch of ``spec``'s input shape."""
+    expected = (spec.in_channels, spec.input_size, spec.input_size)
+    if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+        raise DataError(
+            f"{noun} '{spec.name}': expected input of shape "
+            f"(B, {spec.in_channels}, {spec.input_size}, {spec.input_size}), got {tuple(x.shape)}"
+        )
+
+
 def stem_stride(input_size: int, target_size: int) -> int:
     """Stride that maps ``input_size`` to ``target_size`` (1 when the input is not larger)."""
     return max(1, input_size // target_size)
@@ -245,13 +255,7 @@ class MultiTaskNet(nn.Module):
 
     def check_input(self, x: torch.Tensor, task: str) -> None:
         """Raise DataError when ``x`` is not a batch of the task's input shape."""
-        s = self.spec(task)
-        expected = (s.in_channels, s.input_size, s.input_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise DataError(
-                f"task '{task}': expected input of shape "
-                f"(B, {s.in_channels}, {s.input_size}, {s.input_size}), got {tuple(x.shape)}"
-            )
+        check_input_shape(self.spec(task), x)
 
     def stem(self, task: str) -> nn.Module:
         self.spec(task)

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from virtnet.backbones.base import Backbone, TaskNet, TaskSpec, init_weights
+from virtnet.backbones.base import Backbone, TaskNet, TaskSpec, check_input_shape, init_weights
 from virtnet.backbones.registry import BackboneConfig, build_backbone, default_feature_size
-from virtnet.errors import CheckpointError, ConfigError, DataError, TaskError
+from virtnet.errors import CheckpointError, ConfigError, TaskError
 from virtnet.nn import Linear, Route, Routed, call
 from virtnet.nn.adapters import (
     AdapterBank,
@@ -114,13 +114,7 @@ class AdapterNet(nn.Module):
 
     def check_input(self, x: torch.Tensor, task: str) -> None:
         """Raise DataError when ``x`` is not a batch of the domain's input shape."""
-        s = self.spec(task)
-        expected = (s.in_channels, s.input_size, s.input_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise DataError(
-                f"domain '{task}': expected input of shape "
-                f"(B, {s.in_channels}, {s.input_size}, {s.input_size}), got {tuple(x.shape)}"
-            )
+        check_input_shape(self.spec(task), x, "domain")
 
     def _route(self, task: str, route: Route | None) -> Route:
         self.spec(task)
