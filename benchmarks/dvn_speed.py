@@ -11,7 +11,7 @@ DVN (every level's loss, eq. 4) against the summed steps of plain networks of th
 <= 1.2 x). Rounds alternate between the things compared; medians over rounds. Weights are random:
 timing does not depend on them.
 
-Run:  python benchmarks/dvn_speed.py [--threads 2] [--repeats 20] [--rounds 5]
+Run:  python benchmarks/dvn_speed.py [--threads 2] [--repeats 10] [--latency-rounds 3] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def main() -> None:
     p.add_argument("--widen", type=int, default=4)
     p.add_argument("--units", type=int, default=4)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the training-step comparison")
+    p.add_argument("--latency-rounds", type=int, default=3, help="interleaved rounds of latency measurement")
     p.add_argument("--train-batch", type=int, default=64)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,17 +83,47 @@ def main() -> None:
     model = method.build([spec], cfg).eval()
     levels = method.levels(model, "t")
 
-    rows, prof = [], {}
+    nets = {}
     for lv in levels:
         exported = method.export(model, "t", lv.index)
         plain = (
             build_multitask(cfg.model_copy(update={"width": lv.index / k}), [spec]).task_network("t").eval()
         )
-        virtual = Virtual(model, "t", lv.route).eval()
         assert count_parameters(plain) == count_parameters(exported), "plain and exported shapes differ"
-        for name, net in (("dvn-exported", exported), ("plain-direct", plain), ("dvn-virtual", virtual)):
-            pr = latency_profile(net, shape, batch_sizes=(1, 64), threads=args.threads, repeats=args.repeats)
-            prof[(name, lv.index)] = pr
+        nets[lv.index] = {
+            "dvn-exported": exported,
+            "plain-direct": plain,
+            "dvn-virtual": Virtual(model, "t", lv.route).eval(),
+        }
+    # interleaved rounds: every network is measured once per round; medians over rounds per format
+    samples: dict[tuple, list[float]] = {}
+    for rnd in range(args.latency_rounds):
+        for lv in levels:
+            for name, net in nets[lv.index].items():
+                pr = latency_profile(
+                    net, shape, batch_sizes=(1, 64), threads=args.threads, repeats=args.repeats
+                )
+                for b in (1, 64):
+                    for fmt in ("nchw", "channels_last"):
+                        samples.setdefault((name, lv.index, b, fmt), []).append(
+                            pr["batches"][b][fmt]["median_ms"]
+                        )
+        print(f"latency round {rnd + 1}/{args.latency_rounds} done", flush=True)
+    prof = {}
+    for (name, lvi, b, fmt), xs in samples.items():
+        prof.setdefault((name, lvi), {"batches": {1: {}, 64: {}}})["batches"][b][fmt] = {
+            "median_ms": statistics.median(xs)
+        }
+    for pr in prof.values():
+        for b in (1, 64):
+            d = pr["batches"][b]
+            d["best_format"] = min(("nchw", "channels_last"), key=lambda f: d[f]["median_ms"])
+            d["best_ms"] = d[d["best_format"]]["median_ms"]
+    rows = []
+    for lv in levels:
+        exported = nets[lv.index]["dvn-exported"]
+        for name in nets[lv.index]:
+            pr = prof[(name, lv.index)]
             rows.append(
                 {
                     "method": name,
