@@ -19,6 +19,7 @@ Run:  python benchmarks/dvn_joint.py --scenario j1 [--data-root ../shared/data] 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def main() -> None:
     add_training_args(p, epochs=4)
     p.add_argument("--train-size", type=int, default=20000, help="training images per task (stratified)")
     p.add_argument("--methods", default="dvn,individual,individual-half,nestednet,packnet-grouped")
+    p.add_argument(
+        "--dvn-options",
+        default="{}",
+        help='extra JSON `method:` options for dvn, e.g. \'{"level_weights": [1, 2]}\'',
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -63,7 +69,7 @@ def main() -> None:
     train = sgd_train(args)
     work = Path(args.work_dir or f"runs/bench/dvn_{args.scenario}")
     specs = {
-        "dvn": ("dvn", {"num_units": 2}),
+        "dvn": ("dvn", {"num_units": 2, **json.loads(args.dvn_options)}),
         "individual": ("individual", {}),
         "individual-half": ("individual", {"width": 0.5}),
         "nestednet": ("nestednet", {"num_units": 2}),
@@ -98,6 +104,7 @@ def main() -> None:
             "backbone": f"resnet{args.depth} (CIFAR layout) width {args.width}",
             "train_size_per_task": args.train_size,
             "epochs": args.epochs,
+            "dvn_options": json.loads(args.dvn_options),
             "summary": summary,
         },
     )

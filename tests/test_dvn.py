@@ -206,6 +206,27 @@ def cfg(**kw):
     return TrainConfig(**base)
 
 
+def test_cached_slices_keep_the_channels_last_layout():
+    """A channels_last network must get channels_last slices: mixed layouts take a slower convolution."""
+    method, model = build()
+    trained_bn(method, model)
+    x = torch.randn(2, 1, 8, 8)
+    r = method.levels(model, "a")[0].route
+    with torch.no_grad():
+        y = model(x, "a", r)
+        model.to(memory_format=torch.channels_last)
+        y_cl = model(x.contiguous(memory_format=torch.channels_last), "a", r)
+    assert torch.allclose(y, y_cl, atol=1e-5)
+    sliced = [
+        m._slice_cache[r.units][1]
+        for m in model.trunk.modules()
+        if isinstance(m, torch.nn.Conv2d) and isinstance(m, _Sliced) and r.units in m._slice_cache
+    ]
+    big = [w for w in sliced if w.shape[-1] > 1]
+    assert big and all(w.is_contiguous(memory_format=torch.channels_last) for w in big)
+    assert not any(w.is_contiguous() for w in big)
+
+
 def test_joint_learning_sums_every_level_of_every_task():
     ts = make_taskset()
     method, model = build(specs=api.task_specs(ts))

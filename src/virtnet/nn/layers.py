@@ -99,6 +99,10 @@ class _Sliced(Routed):
                 bias = bias.index_select(0, oi)
         if ii is not None:
             w = w.index_select(1, ii.to(weight.device))
+        if (oi is not None or ii is not None) and _is_channels_last(weight):
+            # index_select returns NCHW-contiguous blocks; a channels_last network (as the latency tools
+            # run it) would then mix formats in every convolution and take a slower path
+            w = w.contiguous(memory_format=torch.channels_last)
         if cacheable:
             self._slice_cache[route.units] = (stamp, w, bias)
         return w, bias
@@ -106,6 +110,11 @@ class _Sliced(Routed):
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # device/dtype moves invalidate the cache
         self._slice_cache.clear()
         return super()._apply(fn, recurse)  # type: ignore[misc]
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-d tensor laid out channels_last (and not also plain contiguous, as 1x1 kernels may be)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 class Conv2d(_Sliced, nn.Conv2d):
