@@ -665,14 +665,59 @@ def inject_adapters(
 
 def fuse_module(module: nn.Module, domain: str) -> nn.Module:
     """A copy of ``module`` for one domain: every adapter convolution fused, every per-domain batch norm
-    replaced by the domain's own. The result holds plain layers only and shares no tensor with ``module``."""
+    replaced by the domain's own, and the bias that a fused series adapter gives its convolution absorbed
+    into the batch norm that follows it (:func:`absorb_conv_biases`), so the fused network has exactly the
+    plain network's layers. The result holds plain layers only and shares no tensor with ``module``."""
     out = copy.deepcopy(module)
+    fused: set[str] = set()
     for name, m in list(out.named_modules()):
         if isinstance(m, AdapterConv):
             replace_module(out, name, m.fuse(domain))
+            if isinstance(m, SeriesAdapterConv2d) and m.conv.bias is None:
+                fused.add(name)
         elif isinstance(m, DomainBatchNorm):
             replace_module(out, name, copy.deepcopy(m.norm(domain)))
+    absorb_conv_biases(out, fused)
     return out
+
+
+def conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """``(conv, batch norm)`` names where the batch norm directly follows the convolution: siblings named
+    ``convN`` / ``bnN`` (the backbones' blocks) and consecutive children of an ``nn.Sequential``."""
+    pairs = []
+    for parent_name, parent in module.named_modules():
+        prefix = f"{parent_name}." if parent_name else ""
+        children = dict(parent.named_children())
+        for name, child in children.items():
+            if isinstance(child, nn.Conv2d) and name.startswith("conv"):
+                bn = children.get("bn" + name[len("conv") :])
+                if isinstance(bn, nn.BatchNorm2d):
+                    pairs.append((prefix + name, prefix + "bn" + name[len("conv") :]))
+        if isinstance(parent, nn.Sequential):
+            items = list(children.items())
+            for (a, ca), (b, cb) in zip(items, items[1:], strict=False):
+                if isinstance(ca, nn.Conv2d) and isinstance(cb, nn.BatchNorm2d):
+                    pairs.append((prefix + a, prefix + b))
+    return pairs
+
+
+@torch.no_grad()
+def absorb_conv_biases(module: nn.Module, convs: Iterable[str]) -> None:
+    """Remove the bias ``d`` of each named convolution that a batch norm follows: ``BN(z + d)`` equals
+    ``BN'(z)`` with running mean ``mu - d`` (exact in eval mode; in training the batch mean absorbs
+    ``d`` anyway). Convolutions not followed by a batch norm keep their bias."""
+    wanted = set(convs)
+    for conv_name, bn_name in conv_bn_pairs(module):
+        if conv_name not in wanted:
+            continue
+        conv = module.get_submodule(conv_name)
+        bn = module.get_submodule(bn_name)
+        if conv.bias is None or bn.running_mean is None:
+            continue
+        bn.running_mean.sub_(conv.bias)
+        new = _conv_like(conv, False)
+        new.weight.copy_(conv.weight)
+        replace_module(module, conv_name, new)
 
 
 # ---- plug-in: parallel adapters for any nn.Module ------------------------------------------------------
