@@ -11,7 +11,8 @@ DVN (every level's loss, eq. 4) against the summed steps of plain networks of th
 <= 1.2 x). Rounds alternate between the things compared; medians over rounds. Weights are random:
 timing does not depend on them.
 
-Run:  python benchmarks/dvn_speed.py [--threads 2] [--repeats 10] [--latency-rounds 3] [--rounds 5]
+Run:  python benchmarks/dvn_speed.py [--threads 2] [--repeats 10] [--repeats-b1 100] [--latency-rounds 3]
+      [--rounds 5]
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=16)
     p.add_argument("--widen", type=int, default=4)
     p.add_argument("--units", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement at batch 64")
+    p.add_argument("--repeats-b1", type=int, default=100, help="timed calls per measurement at batch 1")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the training-step comparison")
     p.add_argument("--latency-rounds", type=int, default=3, help="interleaved rounds of latency measurement")
     p.add_argument("--train-batch", type=int, default=64)
@@ -100,10 +102,9 @@ def main() -> None:
     for rnd in range(args.latency_rounds):
         for lv in levels:
             for name, net in nets[lv.index].items():
-                pr = latency_profile(
-                    net, shape, batch_sizes=(1, 64), threads=args.threads, repeats=args.repeats
-                )
-                for b in (1, 64):
+                for b in (1, 64):  # batch 1 calls are sub-millisecond and cheap: time many more
+                    reps = args.repeats_b1 if b == 1 else args.repeats
+                    pr = latency_profile(net, shape, batch_sizes=(b,), threads=args.threads, repeats=reps)
                     for fmt in ("nchw", "channels_last"):
                         samples.setdefault((name, lv.index, b, fmt), []).append(
                             pr["batches"][b][fmt]["median_ms"]
