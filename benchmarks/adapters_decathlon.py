@@ -32,6 +32,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,10 +41,12 @@ import torch  # noqa: E402
 from _common import Timer, parser, write_results  # noqa: E402
 
 from virtnet import api  # noqa: E402
+from virtnet.config import RunConfig  # noqa: E402
 from virtnet.cost import count_flops, count_parameters  # noqa: E402
 from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
 from virtnet.data.core import TaskSet  # noqa: E402
 from virtnet.methods.adapters import decathlon_score  # noqa: E402
+from virtnet.train import evaluate  # noqa: E402
 
 ADAPTER_METHODS = {
     "series": {"kind": "series"},
@@ -120,6 +123,11 @@ def main() -> None:
     p.add_argument("--curve-domain", default="kmnist10k")
     p.add_argument("--fractions", default="0.01,0.05,0.2,1.0")
     p.add_argument("--max-curve-epochs", type=int, default=100)
+    p.add_argument(
+        "--reuse-source",
+        action="store_true",
+        help="reuse runs/.../source when it was trained with the same config (saves the pretraining)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     total = Timer()
@@ -147,17 +155,37 @@ def main() -> None:
     print(f"data: {json.dumps(info)}", flush=True)
 
     # ---- the universal network ---------------------------------------------------------------------
-    print(f"pretraining the universal network on {args.source}", flush=True)
-    src_run, src_seconds = run(
-        "source",
-        work,
-        source_data,
-        source_set,
-        model_cfg,
-        {"name": "joint", "shared_stem": True},
-        train_cfg(args, args.source_epochs, args.lr_source),
-        args.seed,
-    )
+    src_method = {"name": "joint", "shared_stem": True}
+    src_train = train_cfg(args, args.source_epochs, args.lr_source)
+    previous = work / "source" / "model.json"
+    if args.reuse_source and previous.is_file():
+        # the same config and seed give the same network: reuse it (checked against the stored config)
+        loaded = api.load(previous)
+        want = RunConfig.from_dict(
+            {
+                "seed": args.seed,
+                "output_dir": str(work / "source"),
+                "data": source_data,
+                "model": model_cfg,
+                "method": src_method,
+                "train": src_train,
+            }
+        ).to_dict()
+        if loaded.meta["config"] != want:
+            raise SystemExit(f"{previous}: trained with another config; drop --reuse-source")
+        print(f"reusing the universal network in {previous}", flush=True)
+        src_run = SimpleNamespace(
+            out_dir=previous.parent,
+            model=loaded.model,
+            method=loaded.method,
+            test_rows=evaluate(loaded.method, loaded.model, source_set, split="test"),
+        )
+        src_seconds = float("nan")
+    else:
+        print(f"pretraining the universal network on {args.source}", flush=True)
+        src_run, src_seconds = run(
+            "source", work, source_data, source_set, model_cfg, src_method, src_train, args.seed
+        )
     source_ckpt = str(src_run.out_dir / "model.json")
     one_network = count_parameters(src_run.model)  # stem + trunk + one head
     universal = one_network - count_parameters(src_run.model.heads[args.source])

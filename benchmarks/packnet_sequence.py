@@ -13,9 +13,12 @@ stems and heads are task-specific parameters and count in the storage.
 After each added task, every task learned so far is evaluated on its full test split (MNIST and
 Fashion-MNIST 10,000 images, KMNIST-10k its own 2,000, digits 360), read from the run's per-phase
 checkpoints like ``virtnet eval RUN/model.json --sequence``. Training sets are stratified seeded subsamples
-(``--train-size`` per task, digits whole: 1,437). Storage in bytes: PackNet = float32 base weights +
-packed ownership map (ceil(log2(N+1)) bits per prunable weight) + stems, heads and the shared batch
-norm; the others = their tensors' bytes; "one network" = one individual network (stem, trunk, head).
+(``--train-size`` per task, digits whole: 1,437). Storage in bytes: PackNet = what
+``PackNetModel.save_packed`` stores: the float32 base weights that some task owns (free weights, pruned
+from the last task to leave room for the next, are zeros that the map implies) + the packed ownership map
+(ceil(log2(N+1)) bits per prunable weight) + stems, heads and batch norms (``model_bytes_dense`` also
+counts the free weights); the others = their tensors' bytes; "one network" = one individual network
+(stem, trunk, head).
 
 Run:  python benchmarks/packnet_sequence.py --threads 1
 """
@@ -71,7 +74,11 @@ def method_options(method: str, args: Any, num_tasks: int) -> dict[str, Any]:
     if method in ("packnet", "packnet_task_bn"):
         return {
             "shared_stem": False,
-            "prune_ratios": [args.first_ratio] + [0.75] * (num_tasks - 2),  # the last task is not pruned
+            # the last task is pruned too when --last-ratio > 0 (room for a next task; free weights are
+            # zeros that the packed storage does not store)
+            "prune_ratios": [args.first_ratio]
+            + [args.later_ratio] * (num_tasks - 2)
+            + ([args.last_ratio] if args.last_ratio > 0 else []),
             "retrain_epochs": args.retrain_epochs,
             "retrain_lr": args.lr * args.retrain_lr_factor,
             "task_specific_bn": method == "packnet_task_bn",
@@ -149,8 +156,13 @@ def storage_of(method: str, loaded: api.Loaded, work: Path) -> dict[str, Any]:
     if method.startswith("packnet"):
         s = model.storage()
         stem = model.save_ownership(work / "ownership").with_suffix(".safetensors")
+        packed = model.save_packed(work / "packed").with_suffix(".safetensors")
         return {
-            "model_bytes": s["total"],
+            # what save_packed stores: owned weights only (free ones are zeros the map implies)
+            "model_bytes": s["total_packed"],
+            "model_bytes_dense": s["total"],
+            "packed_file_bytes": packed.stat().st_size,
+            "base_weights_owned_bytes": s["base_weights_owned"],
             "base_weights_bytes": s["base_weights"],
             "shared_other_bytes": s["shared_other"],
             "ownership_packed_bytes": s["ownership_packed"],
@@ -173,6 +185,13 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=6000, help="training images per task (digits: all)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per task")
     p.add_argument("--first-ratio", type=float, default=0.5, help="PackNet pruning ratio of the first task")
+    p.add_argument("--later-ratio", type=float, default=0.75, help="PackNet pruning ratio of tasks 2..N-1")
+    p.add_argument(
+        "--last-ratio", type=float, default=0.0, help="PackNet pruning ratio of the last task (0: unpruned)"
+    )
+    p.add_argument(
+        "--widths", default="", help="backbone widths, e.g. 'vgg=0.5,resnet=1.0' (default: BACKBONES)"
+    )
     p.add_argument("--retrain-epochs", type=int, default=1, help="PackNet re-training epochs after pruning")
     p.add_argument("--retrain-lr-factor", type=float, default=0.1, help="PackNet re-training lr / lr")
     p.add_argument("--lwf-warmup", type=int, default=1, help="LwF epochs training the new head alone")
@@ -195,6 +214,9 @@ def main() -> None:
         storage = [r for r in doc["rows"] if r["task"] == "(all)"]
         write_summary(stem, rows, storage, doc["acceptance"], doc["orders"], args)
         return
+    for item in filter(None, args.widths.split(",")):
+        name, _, w = item.partition("=")
+        BACKBONES[name] = {**BACKBONES[name], "width": float(w)}
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     orders = {k: ORDERS[k] for k in args.orders.split(",")}
@@ -321,7 +343,7 @@ def main() -> None:
             "train_size_per_task": args.train_size,
             "epochs_per_task": args.epochs,
             "packnet": method_options("packnet", args, 4)
-            | {"prune_ratios (3 tasks)": [args.first_ratio, 0.75]},
+            | {"prune_ratios (3 tasks)": method_options("packnet", args, 3)["prune_ratios"]},
             "packnet_task_bn": "packnet with task_specific_bn: true",
             "lwf_warmup_epochs": args.lwf_warmup,
             "optimizer": f"SGD, Nesterov momentum 0.9, weight decay 5e-4, lr {args.lr}, cosine per task, "

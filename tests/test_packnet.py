@@ -432,3 +432,49 @@ def test_config_errors():
         wrap(body(), {"a": 3})
     with pytest.raises(ConfigError, match="no shared convolution or linear layer"):
         wrap(nn.Sequential(nn.ReLU()), {"a": nn.Identity()})
+
+
+def test_packed_storage_keeps_owned_weights_only_and_round_trips(tmp_path):
+    """The deployment format: owned values + packed map + the rest; free weights are implied zeros."""
+    model = user_model(task_specific_bn=True)
+    for t in ("a", "b", "c"):  # every task pruned: free weights remain, as after adding a task
+        model.begin_task(t)
+        model.prune(t, 0.5)
+    before = outputs(model, "abc")
+    s = model.storage()
+    free = model.ownership.counts()[0]
+    assert free > 0 and s["base_weights_owned"] == s["base_weights"] - 4 * free
+    assert s["total_packed"] == s["total"] - 4 * free
+    tensors, _ = model.packed_state()
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) == s["total_packed"]
+
+    model.save_packed(tmp_path / "packed")
+    fresh = user_model(seed=7, task_specific_bn=True)  # other random weights everywhere
+    fresh.load_packed(tmp_path / "packed")
+    after = outputs(fresh, "abc")
+    for t in "abc":
+        assert torch.equal(after[t], before[t]), t
+    for (n, a), (_, b) in zip(model.ownership.items(), fresh.ownership.items(), strict=True):
+        assert torch.equal(a, b), n
+        assert torch.equal(model.net.get_parameter(n), fresh.net.get_parameter(n)), n
+
+
+def test_packed_storage_errors(tmp_path):
+    model = user_model()
+    with pytest.raises(ConfigError, match="free weights of '0.weight' are not zero"):
+        model.packed_state()  # nothing added yet: every weight is free and random
+    model.begin_task("a")
+    model.prune("a", 0.5)
+    model.save_packed(tmp_path / "p")
+    with pytest.raises(CheckpointError, match="saved for tasks"):
+        user_model(tasks=("x", "y", "z")).load_packed(tmp_path / "p")
+    torch.manual_seed(0)
+    wider = nn.Sequential(nn.Conv2d(1, 7, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(7 * 64, 16))
+    with pytest.raises(CheckpointError, match="saved for a different network"):
+        wrap(wider, {t: 3 for t in "abc"}, feature_dim=16).load_packed(tmp_path / "p")
+    data = (tmp_path / "p.safetensors").read_bytes()
+    (tmp_path / "p.safetensors").write_bytes(data[:-4] + b"\0\0\0\1")
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        user_model().load_packed(tmp_path / "p")
+    with pytest.raises(CheckpointError, match="not found"):
+        user_model().load_packed(tmp_path / "missing")

@@ -616,14 +616,159 @@ class PackNetModel(nn.Module):
             for t, st in self.task_state.items():
                 per_task[t] += sum(x.numel() * x.element_size() for x in st.tensors().values())
         packed = self.ownership.packed_bytes()
+        owned = sum(
+            int((owner != 0).sum()) * self._param(n).element_size() for n, owner in self.ownership.items()
+        )
+        rest = other + packed + sum(per_task.values())
         return {
             "base_weights": base,
+            "base_weights_owned": owned,
             "shared_other": other,
             "ownership_packed": packed,
             "ownership_bits": self.ownership.bits,
             "tasks": per_task,
-            "total": base + other + packed + sum(per_task.values()),
+            "total": base + rest,
+            "total_packed": owned + rest,
         }
+
+    # ---- the packed deployment format ----------------------------------------------------------------
+    def packed_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The whole model in PackNet's storage form: each prunable weight as the values of its owned
+        entries only (owner != 0, flat order; free entries are zeros that the map implies), the ownership
+        map packed with ``ceil(log2(N + 1))`` bits per weight, every other tensor as it is. Its tensor bytes
+        equal ``storage()["total_packed"]``.
+
+        Returns:
+            ``(tensors, meta)`` for :meth:`load_packed_state`.
+
+        Raises:
+            ConfigError: a free weight is not zero (only a model whose free weights were pruned to zero, or
+                that has none, can be stored this way).
+        """
+        prunable = set(self.prunable)
+        aliases = {a for n in self.prunable for a in self._aliases.get(n, [])}
+        tensors: dict[str, torch.Tensor] = {"ownership": self.ownership.pack()}
+        for n, owner in self.ownership.items():
+            w = self._param(n).detach().reshape(-1)
+            used = owner.reshape(-1) != 0
+            if bool((w[~used] != 0).any()):
+                raise ConfigError(f"PackNet packed storage: free weights of '{n}' are not zero")
+            tensors[f"owned/{n}"] = w[used].clone()
+        skip = {f"net.{n}" for n in prunable | aliases} | {"num_added"}
+        for k, v in self.state_dict().items():
+            if k in skip or k.startswith("ownership."):
+                continue
+            tensors[f"state/{k}"] = v.detach().clone().contiguous()
+        meta = {
+            "layers": self.ownership.layout(),
+            "bits": self.ownership.bits,
+            "tasks": self.tasks,
+            "num_added": int(self.num_added),
+        }
+        return tensors, meta
+
+    def load_packed_state(
+        self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], source: str = "packed state"
+    ) -> None:
+        """Load :meth:`packed_state`'s output: free weights become zeros, owned ones their values.
+
+        Raises:
+            CheckpointError: (one line) it was saved for another network or is incomplete.
+        """
+        from virtnet.errors import CheckpointError
+
+        if [[str(n), [int(d) for d in sh]] for n, sh in meta.get("layers", [])] != self.ownership.layout():
+            raise CheckpointError(
+                f"{source}: saved for a different network (prunable layers or shapes differ)"
+            )
+        if list(meta.get("tasks", [])) != self.tasks:
+            raise CheckpointError(
+                f"{source}: saved for tasks {meta.get('tasks')}, the model has {self.tasks}"
+            )
+        if "ownership" not in tensors:
+            raise CheckpointError(f"{source}: no ownership map")
+        self.ownership.load_packed(tensors["ownership"], source)
+        state = {k[len("state/") :]: v for k, v in tensors.items() if k.startswith("state/")}
+        missing = [
+            k
+            for k in self.state_dict()
+            if k not in state
+            and k != "num_added"
+            and not k.startswith("ownership.")
+            and k[len("net.") :] not in set(self.prunable)
+            and not any(k == f"net.{a}" for n in self.prunable for a in self._aliases.get(n, []))
+        ]
+        if missing:
+            raise CheckpointError(f"{source}: missing tensor '{missing[0]}'")
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for n, owner in self.ownership.items():
+                w = self._param(n)
+                used = owner.reshape(-1) != 0
+                vals = tensors.get(f"owned/{n}")
+                if vals is None or vals.numel() != int(used.sum()):
+                    got = "none" if vals is None else f"{vals.numel()} values"
+                    raise CheckpointError(
+                        f"{source}: weight '{n}' needs {int(used.sum())} owned values, got {got}"
+                    )
+                flat = torch.zeros_like(w).reshape(-1)
+                flat[used] = vals.to(flat.dtype)
+                w.copy_(flat.reshape(w.shape))
+            for k, v in state.items():
+                target = params[k] if k in params else self.get_buffer(k)
+                if target.shape != v.shape:
+                    raise CheckpointError(
+                        f"{source}: '{k}' has shape {tuple(v.shape)}, the model's {tuple(target.shape)}"
+                    )
+                target.copy_(v)
+            self.num_added.fill_(int(meta.get("num_added", 0)))
+        self.invalidate()
+
+    def save_packed(self, path: str | Path) -> Path:
+        """Write :meth:`packed_state` to ``<path>.safetensors`` + ``<path>.json`` (sha256, layout);
+        returns the JSON sidecar's path."""
+        import json
+
+        from safetensors.torch import save
+
+        from virtnet.train.checkpoint import _atomic_write, checkpoint_paths, sha256_bytes
+
+        tensors, meta = self.packed_state()
+        tpath, jpath = checkpoint_paths(path)
+        data = save({k: v.contiguous() for k, v in tensors.items()})
+        meta = {"format": "virtnet-packnet-packed", "format_version": 1, **meta}
+        meta.update(sha256=sha256_bytes(data), num_bytes=len(data))
+        _atomic_write(tpath, data)
+        _atomic_write(jpath, (json.dumps(meta, indent=2) + "\n").encode())
+        return jpath
+
+    def load_packed(self, path: str | Path) -> None:
+        """Load a file written by :meth:`save_packed`; one-line CheckpointError when it is missing, altered
+        or saved for another network."""
+        import json
+
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from virtnet.errors import CheckpointError
+        from virtnet.train.checkpoint import checkpoint_paths, sha256_file
+
+        tpath, jpath = checkpoint_paths(path)
+        if not jpath.is_file() or not tpath.is_file():
+            raise CheckpointError(f"{jpath}: packed PackNet model not found")
+        try:
+            meta = json.loads(jpath.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{jpath}: not valid JSON: {e.msg}") from None
+        if not isinstance(meta, dict) or meta.get("format") != "virtnet-packnet-packed":
+            raise CheckpointError(f"{jpath}: not a packed PackNet model")
+        if sha256_file(tpath) != meta.get("sha256"):
+            raise CheckpointError(f"{tpath}: sha256 mismatch with {jpath.name} (altered after saving)")
+        try:
+            tensors = load_file(str(tpath))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{tpath}: unreadable: {e}") from None
+        self.load_packed_state(tensors, meta, str(jpath))
 
     def save_ownership(self, path: str | Path) -> Path:
         """Write the packed ownership map (``<path>.safetensors`` + ``<path>.json``)."""
