@@ -9,7 +9,8 @@ checkpoint:
 * ``finetune``: one fine-tuned network per target domain (T networks);
 * ``feature_extraction``: the frozen universal network with a new head per domain;
 * ``series`` / ``parallel`` adapters (all placements), ``parallel (early|mid|late|half)``, ``parallel SVD``
-  (cross-domain compression, K = C/2, gamma_t fine-tuned after the SVD).
+  (cross-domain compression, K = C/2, gamma_t fine-tuned after the SVD) and ``parallel SVD (half)`` (K =
+  C T / (2 (T + 1)), which halves the adapter parameters for T target domains).
 
 Every target-domain run trains --epochs epochs (SGD, Nesterov momentum 0.9, cosine schedule, batch 64) at
 the learning rate chosen per method on a validation split by benchmarks/adapters_lr_sweep.py
@@ -56,6 +57,9 @@ ADAPTER_METHODS = {
     "parallel (late)": {"kind": "parallel", "placement": "late"},
     "parallel (half)": {"kind": "parallel", "placement": "half"},
     "parallel SVD": {"kind": "parallel", "compression": "svd"},
+    # K/C = T / (2 (T + 1)) halves the adapter parameters for T domains: (T C K + C K) / (T C^2) = 1/2
+    # (the paper's K = C/2 gives (T + 1) / (2 T): 0.67 for our T = 3, 0.55 for the decathlon's T = 10)
+    "parallel SVD (half)": {"kind": "parallel", "compression": "svd", "svd_fraction": "half"},
 }
 
 
@@ -256,6 +260,8 @@ def main() -> None:
         if name not in methods:
             continue
         print(name, flush=True)
+        if options.get("svd_fraction") == "half":
+            options = {**options, "svd_fraction": len(targets) / (2 * (len(targets) + 1))}
         r, s = run(
             name.replace(" ", "_").replace("(", "").replace(")", ""),
             work,
@@ -366,13 +372,14 @@ def targets_met(summary: dict[str, dict[str, Any]], acc: dict[str, dict[str, flo
             "parallel": s["parallel"],
             "series": s["series"],
         }
-    if "parallel" in s and "parallel SVD" in s:
-        ratio = summary["parallel SVD"]["adapter_params"] / summary["parallel"]["adapter_params"]
-        out["parallel SVD within 0.5 points of parallel"] = {
-            "holds": s["parallel SVD"] >= s["parallel"] - 0.5,
-            "difference": s["parallel SVD"] - s["parallel"],
-            "adapter_params_ratio": ratio,
-        }
+    for svd in ("parallel SVD", "parallel SVD (half)"):
+        if "parallel" in s and svd in s:
+            ratio = summary[svd]["adapter_params"] / summary["parallel"]["adapter_params"]
+            out[f"{svd} within 0.5 points of parallel"] = {
+                "holds": s[svd] >= s["parallel"] - 0.5,
+                "difference": s[svd] - s["parallel"],
+                "adapter_params_ratio": ratio,
+            }
     if "finetune" in s:
         for m in ("parallel", "series"):
             if m in s:

@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument(
         "--dvn-options",
         default="{}",
-        help='extra JSON `method:` options for dvn, e.g. \'{"level_weights": [1, 2]}\'',
+        help="extra JSON `method:` options for dvn, e.g. '{\"level_weights\": [1, 2]}'",
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
