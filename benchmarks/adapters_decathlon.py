@@ -123,6 +123,11 @@ def main() -> None:
     p.add_argument("--lr-finetune", type=float, default=0.1, help="(docs/results/adapters_lr_sweep.md)")
     p.add_argument("--lr-adapters", type=float, default=0.3, help="parallel adapters, feature extraction")
     p.add_argument("--lr-series", type=float, default=0.3, help="series adapters")
+    p.add_argument(
+        "--adapter-weight-decay",
+        default="by_size",
+        help="weight decay of the adapters' domain parameters: by_size (the paper's groups) or a number",
+    )
     p.add_argument("--methods", default="finetune,feature_extraction," + ",".join(ADAPTER_METHODS))
     p.add_argument("--curve-domain", default="kmnist10k")
     p.add_argument("--fractions", default="0.01,0.05,0.2,1.0")
@@ -256,6 +261,8 @@ def main() -> None:
         add(base, per, total_params, secs)
 
     # ---- adapters ----------------------------------------------------------------------------------
+    awd = args.adapter_weight_decay
+    adapter_wd: str | float = awd if awd == "by_size" else float(awd)
     for name, options in ADAPTER_METHODS.items():
         if name not in methods:
             continue
@@ -268,7 +275,7 @@ def main() -> None:
             target_data,
             target_set,
             model_cfg,
-            {"name": "adapters", "init_from": source_ckpt, **options},
+            {"name": "adapters", "init_from": source_ckpt, "weight_decay": adapter_wd, **options},
             train_cfg(args, args.epochs, args.lr_series if options["kind"] == "series" else args.lr_adapters),
             args.seed,
         )
@@ -341,7 +348,7 @@ def main() -> None:
                 "lr_adapters": args.lr_adapters,
                 "lr_series": args.lr_series,
                 "weight_decay_baselines": args.weight_decay,
-                "weight_decay_adapters": "by_size (paper groups)",
+                "weight_decay_adapters": adapter_wd,
                 "threads": args.threads,
             },
             "one_network_params": one_network,
