@@ -315,3 +315,45 @@ def test_plugin_bad_input_is_a_clear_error():
     assert [n for n, _ in adaptable_convs(net, ["features.*"])] == ["features.0", "features.3"]
     with pytest.raises(ConfigError, match="layer .features.1. is a BatchNorm2d"):
         adaptable_convs(net, ["features.*", "features.1"])
+
+
+def _randomise_norms(module: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("backbone", ["resnet", "wrn"])
+def test_series_fusion_absorbs_biases_only_into_the_batch_norm_that_follows(backbone):
+    """Post-activation blocks: conv1 -> bn1; pre-activation (WRN) blocks: conv1 -> bn2 while bn1 comes
+    before conv1, and conv2 feeds no batch norm (it keeps its bias). Fused output = unfused output."""
+    from virtnet.backbones.registry import BackboneConfig, build_backbone
+    from virtnet.nn.adapters import adaptable_convs, conv_bn_pairs, fuse_module, inject_adapters
+
+    torch.manual_seed(0)
+    cfg = BackboneConfig(name=backbone, depth=8 if backbone == "resnet" else 10, width=0.25, feature_size=8)
+    trunk = build_backbone(cfg, 8)
+    inject_adapters(trunk, ["d"], [n for n, _ in adaptable_convs(trunk)], kind="series")
+    trunk.eval()
+    _randomise_norms(trunk, 1)
+    with torch.no_grad():
+        for m in trunk.modules():
+            if hasattr(m, "adapter"):
+                m.adapter.alphas["d"].normal_(0, 0.2)
+    fused = fuse_module(trunk, "d").eval()
+    x = torch.randn(2, trunk.in_channels, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), trunk(x, Route("d")), atol=1e-5)
+    pairs = dict(conv_bn_pairs(fused))
+    if backbone == "wrn":
+        assert pairs["blocks.0.conv1"] == "blocks.0.bn2" and "blocks.0.conv2" not in pairs
+        assert fused.get_submodule("blocks.0.conv1").bias is None
+        assert fused.get_submodule("blocks.0.conv2").bias is not None  # nothing to absorb it
+    else:
+        assert pairs["blocks.0.conv1"] == "blocks.0.bn1"
+        assert all(m.bias is None for m in fused.modules() if isinstance(m, nn.Conv2d))

@@ -86,6 +86,9 @@ class Stem(nn.Module, Routed):
         max_pool: ImageNet-style 3x3 stride-2 max-pool after the ReLU (when the input is large enough).
     """
 
+    #: (convolution, the batch norm that directly follows it), when the stem has a batch norm
+    CONV_NORM_PAIRS = (("conv", "bn"),)
+
     def __init__(
         self,
         in_channels: int,

@@ -59,6 +59,9 @@ class BasicBlock(nn.Module, Routed):
             strided 1x1 convolution.
     """
 
+    #: (convolution, the batch norm that directly follows it): for fusions (see nn.adapters.conv_bn_pairs)
+    CONV_NORM_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"))
+
     def __init__(
         self,
         in_channels: int,

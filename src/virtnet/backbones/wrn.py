@@ -38,6 +38,9 @@ class PreActBlock(nn.Module, Routed):
     The shortcut is ``x`` when the shape is kept, else a 1x1 convolution of ``a``.
     """
 
+    #: (convolution, the batch norm that directly follows it): conv1 feeds bn2; bn1 comes before conv1
+    CONV_NORM_PAIRS = (("conv1", "bn2"),)
+
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         self.bn1 = BatchNorm2d(in_channels)

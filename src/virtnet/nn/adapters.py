@@ -682,18 +682,22 @@ def fuse_module(module: nn.Module, domain: str) -> nn.Module:
 
 
 def conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
-    """``(conv, batch norm)`` names where the batch norm directly follows the convolution: siblings named
-    ``convN`` / ``bnN`` (the backbones' blocks) and consecutive children of an ``nn.Sequential``."""
+    """``(conv, batch norm)`` names where the batch norm directly follows the convolution in the forward:
+    the pairs a module declares in ``CONV_NORM_PAIRS`` (child names; the backbones' blocks and stems do:
+    a basic block's ``conv1 -> bn1``, a pre-activation block's ``conv1 -> bn2``) and consecutive children of
+    a plain ``nn.Sequential`` (which runs its children in order). Names alone are not evidence: in a
+    pre-activation block ``bn1`` comes *before* ``conv1``."""
+    from virtnet.nn.layers import RouteSequential
+
     pairs = []
     for parent_name, parent in module.named_modules():
         prefix = f"{parent_name}." if parent_name else ""
         children = dict(parent.named_children())
-        for name, child in children.items():
-            if isinstance(child, nn.Conv2d) and name.startswith("conv"):
-                bn = children.get("bn" + name[len("conv") :])
-                if isinstance(bn, nn.BatchNorm2d):
-                    pairs.append((prefix + name, prefix + "bn" + name[len("conv") :]))
-        if isinstance(parent, nn.Sequential):
+        for conv_name, bn_name in getattr(parent, "CONV_NORM_PAIRS", ()):
+            conv, bn = children.get(conv_name), children.get(bn_name)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                pairs.append((prefix + conv_name, prefix + bn_name))
+        if type(parent) in (nn.Sequential, RouteSequential):
             items = list(children.items())
             for (a, ca), (b, cb) in zip(items, items[1:], strict=False):
                 if isinstance(ca, nn.Conv2d) and isinstance(cb, nn.BatchNorm2d):
