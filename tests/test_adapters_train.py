@@ -158,8 +158,10 @@ def test_training_freezes_the_universal_weights_and_exports_fused_networks(sourc
         assert torch.allclose(net(x), ref, atol=1e-5)
         # the fused network has the plain network's layers: a series adapter's bias went into the next BN
         assert all(m.bias is None for m in net.modules() if isinstance(m, torch.nn.Conv2d))
-        plain = api.load(source).method.export(api.load(source).model, "src")
-        assert sum(p.numel() for p in net.trunk.parameters()) == sum(p.numel() for p in plain.trunk.parameters())
+        src = api.load(source)
+        plain = src.method.export(src.model, "src")
+        n_plain = sum(p.numel() for p in plain.trunk.parameters())
+        assert sum(p.numel() for p in net.trunk.parameters()) == n_plain
 
 
 def test_param_groups_weight_decay_by_size_and_compression_phases(source):
