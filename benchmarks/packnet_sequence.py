@@ -80,6 +80,7 @@ def method_options(method: str, args: Any, num_tasks: int) -> dict[str, Any]:
             + [args.later_ratio] * (num_tasks - 2)
             + ([args.last_ratio] if args.last_ratio > 0 else []),
             "retrain_epochs": args.retrain_epochs,
+            "prune_steps": args.prune_steps,
             "retrain_lr": args.lr * args.retrain_lr_factor,
             "task_specific_bn": method == "packnet_task_bn",
         }
@@ -191,6 +192,9 @@ def main() -> None:
     )
     p.add_argument(
         "--widths", default="", help="backbone widths, e.g. 'vgg=0.5,resnet=1.0' (default: BACKBONES)"
+    )
+    p.add_argument(
+        "--prune-steps", type=int, default=1, help="PackNet prune + re-train rounds per task (incremental)"
     )
     p.add_argument("--retrain-epochs", type=int, default=1, help="PackNet re-training epochs after pruning")
     p.add_argument("--retrain-lr-factor", type=float, default=0.1, help="PackNet re-training lr / lr")
