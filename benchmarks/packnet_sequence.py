@@ -203,6 +203,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--feature-size", type=int, default=14)
     p.add_argument(
+        "--merge-from",
+        default=None,
+        help="results JSON of an earlier run with the same set-up: copy the rows of the methods not run now",
+    )
+    p.add_argument(
         "--summary-only", action="store_true", help="rewrite the .md and plots from the results JSON"
     )
     args = p.parse_args()
@@ -335,6 +340,7 @@ def main() -> None:
                 )
             summary[f"{backbone} {order}"] = acceptance(rows, storage_rows, backbone, order, tasks)
     elapsed = time.perf_counter() - t_start
+    merged = merge_rows(args, methods, rows, storage_rows) if args.merge_from else None
     stem = write_results(
         "packnet_sequence",
         rows + storage_rows,
@@ -354,12 +360,56 @@ def main() -> None:
             f"batch {args.batch_size}",
             "acceptance": summary,
             "wall_seconds": round(elapsed, 1),
+            **({"merged_from": merged} if merged else {}),
         },
         notes="accuracy: % on the full test split after adding task after_index (after_task); error = 100 - "
         "accuracy. Rows with task '(all)' are storage rows (model_bytes, bytes_vs_one_network).",
     )
     write_summary(stem, rows, storage_rows, summary, orders, args)
     print(f"wrote {stem}.json and {stem}.md ({elapsed:.0f}s)")
+
+
+#: the results keys that must agree for rows of another run to be merged (PackNet's options may differ)
+SHARED_SETUP = (
+    "orders",
+    "backbones",
+    "feature_size",
+    "train_size_per_task",
+    "epochs_per_task",
+    "lwf_warmup_epochs",
+    "optimizer",
+    "seed",
+)
+
+
+def merge_rows(
+    args: Any, methods: list[str], rows: list[dict[str, Any]], storage_rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Add the rows of the methods this run skipped from ``--merge-from`` (a results JSON of this
+    benchmark with the same data, backbones and schedule: only PackNet's own options may differ, and they
+    do not touch the other methods). Exits when the set-ups differ."""
+    old = json.loads(Path(args.merge_from).read_text())
+    new = {
+        "orders": {k: ORDERS[k] for k in args.orders.split(",")},
+        "backbones": {b: BACKBONES[b] for b in args.backbones.split(",")},
+        "feature_size": args.feature_size,
+        "train_size_per_task": args.train_size,
+        "epochs_per_task": args.epochs,
+        "lwf_warmup_epochs": args.lwf_warmup,
+        "optimizer": f"SGD, Nesterov momentum 0.9, weight decay 5e-4, lr {args.lr}, cosine per task, "
+        f"batch {args.batch_size}",
+        "seed": args.seed,
+    }
+    for key in SHARED_SETUP:
+        if old.get(key) != new[key]:
+            raise SystemExit(
+                f"--merge-from {args.merge_from}: '{key}' differs ({old.get(key)} vs {new[key]})"
+            )
+    taken = sorted({r["method"] for r in old["rows"]} - set(methods))
+    for r in old["rows"]:
+        if r["method"] in taken:
+            (storage_rows if r["task"] == "(all)" else rows).append(r)
+    return {"file": str(args.merge_from), "command": old.get("command"), "methods": taken}
 
 
 def acceptance(
