@@ -34,8 +34,17 @@ from torch.func import functional_call
 
 from virtnet.backbones.base import MultiTaskNet, TaskNet
 from virtnet.errors import ConfigError, TaskError
-from virtnet.methods.packnet.ownership import OwnershipMap, buffer_name, load_ownership, save_ownership
+from virtnet.methods.packnet.ownership import (
+    OwnershipMap,
+    buffer_name,
+    load_ownership,
+    read_pair_meta,
+    save_ownership,
+    write_pair,
+)
 from virtnet.nn import Route
+
+PACKED_FORMAT = "virtnet-packnet-packed"  # save_packed / load_packed
 
 _PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -727,43 +736,18 @@ class PackNetModel(nn.Module):
     def save_packed(self, path: str | Path) -> Path:
         """Write :meth:`packed_state` to ``<path>.safetensors`` + ``<path>.json`` (sha256, layout);
         returns the JSON sidecar's path."""
-        import json
-
-        from safetensors.torch import save
-
-        from virtnet.train.checkpoint import _atomic_write, checkpoint_paths, sha256_bytes
-
         tensors, meta = self.packed_state()
-        tpath, jpath = checkpoint_paths(path)
-        data = save({k: v.contiguous() for k, v in tensors.items()})
-        meta = {"format": "virtnet-packnet-packed", "format_version": 1, **meta}
-        meta.update(sha256=sha256_bytes(data), num_bytes=len(data))
-        _atomic_write(tpath, data)
-        _atomic_write(jpath, (json.dumps(meta, indent=2) + "\n").encode())
-        return jpath
+        return write_pair(path, tensors, {"format": PACKED_FORMAT, "format_version": 1, **meta})
 
     def load_packed(self, path: str | Path) -> None:
         """Load a file written by :meth:`save_packed`; one-line CheckpointError when it is missing, altered
         or saved for another network."""
-        import json
-
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         from virtnet.errors import CheckpointError
-        from virtnet.train.checkpoint import checkpoint_paths, sha256_file
 
-        tpath, jpath = checkpoint_paths(path)
-        if not jpath.is_file() or not tpath.is_file():
-            raise CheckpointError(f"{jpath}: packed PackNet model not found")
-        try:
-            meta = json.loads(jpath.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{jpath}: not valid JSON: {e.msg}") from None
-        if not isinstance(meta, dict) or meta.get("format") != "virtnet-packnet-packed":
-            raise CheckpointError(f"{jpath}: not a packed PackNet model")
-        if sha256_file(tpath) != meta.get("sha256"):
-            raise CheckpointError(f"{tpath}: sha256 mismatch with {jpath.name} (altered after saving)")
+        tpath, jpath, meta = read_pair_meta(path, PACKED_FORMAT, 1, "packed PackNet model")
         try:
             tensors = load_file(str(tpath))
         except (SafetensorError, OSError) as e:

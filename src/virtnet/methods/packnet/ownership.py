@@ -158,15 +158,46 @@ class OwnershipMap(nn.Module):
                 start += n
 
 
+def write_pair(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write ``tensors`` to ``<path>.safetensors`` and ``meta`` (+ the file's sha256 and size) to
+    ``<path>.json``, each atomically. Returns the JSON sidecar's path."""
+    from virtnet.train.checkpoint import _atomic_write, checkpoint_paths, sha256_bytes
+
+    tpath, jpath = checkpoint_paths(path)
+    data = save({k: v.contiguous() for k, v in tensors.items()})
+    meta = {**meta, "sha256": sha256_bytes(data), "num_bytes": len(data)}
+    _atomic_write(tpath, data)
+    _atomic_write(jpath, (json.dumps(meta, indent=2) + "\n").encode())
+    return jpath
+
+
+def read_pair_meta(path: str | Path, fmt: str, version: int, what: str) -> tuple[Path, Path, dict[str, Any]]:
+    """Check a pair written by :func:`write_pair`: both files present, the JSON of format ``fmt`` and
+    version ``version``, the tensor file's sha256 as recorded. Returns ``(tensor path, JSON path, meta)``;
+    a one-line CheckpointError naming the file otherwise (``what`` names the kind of file)."""
+    from virtnet.train.checkpoint import checkpoint_paths, sha256_file
+
+    tpath, jpath = checkpoint_paths(path)
+    if not jpath.is_file() or not tpath.is_file():
+        raise CheckpointError(f"{jpath}: {what} not found (expected {jpath.name} and {tpath.name})")
+    try:
+        meta = json.loads(jpath.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{jpath}: not valid JSON: {e.msg}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise CheckpointError(f"{jpath}: not a {what} (format '{fmt}')")
+    if meta.get("format_version") != version:
+        raise CheckpointError(f"{jpath}: {what} format version {meta.get('format_version')} unsupported")
+    if sha256_file(tpath) != meta.get("sha256"):
+        raise CheckpointError(f"{tpath}: sha256 mismatch with {jpath.name} (altered after saving)")
+    return tpath, jpath, meta
+
+
 def save_ownership(omap: OwnershipMap, path: str | Path, tasks: list[str] | None = None) -> Path:
     """Write the packed map to ``<path>.safetensors`` and its layout to ``<path>.json``.
 
     Returns the JSON sidecar's path.
     """
-    from virtnet.train.checkpoint import _atomic_write, checkpoint_paths, sha256_bytes
-
-    tpath, jpath = checkpoint_paths(path)
-    data = save({"ownership": omap.pack().contiguous()})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -174,12 +205,8 @@ def save_ownership(omap: OwnershipMap, path: str | Path, tasks: list[str] | None
         "num_tasks": omap.num_tasks,
         "tasks": list(tasks) if tasks is not None else None,
         "layers": omap.layout(),
-        "sha256": sha256_bytes(data),
-        "num_bytes": len(data),
     }
-    _atomic_write(tpath, data)
-    _atomic_write(jpath, (json.dumps(meta, indent=2) + "\n").encode())
-    return jpath
+    return write_pair(path, {"ownership": omap.pack()}, meta)
 
 
 def load_ownership(omap: OwnershipMap, path: str | Path, tasks: list[str] | None = None) -> None:
@@ -189,23 +216,7 @@ def load_ownership(omap: OwnershipMap, path: str | Path, tasks: list[str] | None
         CheckpointError: (one line) the files are missing or altered, or the map was saved for a network
             with other prunable layers, shapes, task count or tasks.
     """
-    from virtnet.train.checkpoint import checkpoint_paths, sha256_file
-
-    tpath, jpath = checkpoint_paths(path)
-    if not jpath.is_file() or not tpath.is_file():
-        raise CheckpointError(f"{jpath}: ownership map not found (expected {jpath.name} and {tpath.name})")
-    try:
-        meta = json.loads(jpath.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{jpath}: not valid JSON: {e.msg}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{jpath}: not a PackNet ownership map (format '{FORMAT}')")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{jpath}: ownership map format version {meta.get('format_version')} unsupported"
-        )
-    if sha256_file(tpath) != meta.get("sha256"):
-        raise CheckpointError(f"{tpath}: sha256 mismatch with {jpath.name} (altered after saving)")
+    tpath, jpath, meta = read_pair_meta(path, FORMAT, FORMAT_VERSION, "PackNet ownership map")
     saved = [[str(n), [int(d) for d in s]] for n, s in meta.get("layers", [])]
     own = omap.layout()
     if saved != own:
