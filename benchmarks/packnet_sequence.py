@@ -347,17 +347,10 @@ def main() -> None:
         args.seed,
         args.out,
         extra={
-            "orders": {k: v for k, v in orders.items()},
-            "backbones": {b: BACKBONES[b] for b in args.backbones.split(",")},
-            "feature_size": args.feature_size,
-            "train_size_per_task": args.train_size,
-            "epochs_per_task": args.epochs,
+            **{k: v for k, v in shared_setup(args).items() if k != "seed"},
             "packnet": method_options("packnet", args, 4)
             | {"prune_ratios (3 tasks)": method_options("packnet", args, 3)["prune_ratios"]},
             "packnet_task_bn": "packnet with task_specific_bn: true",
-            "lwf_warmup_epochs": args.lwf_warmup,
-            "optimizer": f"SGD, Nesterov momentum 0.9, weight decay 5e-4, lr {args.lr}, cosine per task, "
-            f"batch {args.batch_size}",
             "acceptance": summary,
             "wall_seconds": round(elapsed, 1),
             **({"merged_from": merged} if merged else {}),
@@ -369,27 +362,9 @@ def main() -> None:
     print(f"wrote {stem}.json and {stem}.md ({elapsed:.0f}s)")
 
 
-#: the results keys that must agree for rows of another run to be merged (PackNet's options may differ)
-SHARED_SETUP = (
-    "orders",
-    "backbones",
-    "feature_size",
-    "train_size_per_task",
-    "epochs_per_task",
-    "lwf_warmup_epochs",
-    "optimizer",
-    "seed",
-)
-
-
-def merge_rows(
-    args: Any, methods: list[str], rows: list[dict[str, Any]], storage_rows: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """Add the rows of the methods this run skipped from ``--merge-from`` (a results JSON of this
-    benchmark with the same data, backbones and schedule: only PackNet's own options may differ, and they
-    do not touch the other methods). Exits when the set-ups differ."""
-    old = json.loads(Path(args.merge_from).read_text())
-    new = {
+def shared_setup(args: Any) -> dict[str, Any]:
+    """The set-up every method of a run shares (results keys; ``seed`` is written by write_results)."""
+    return {
         "orders": {k: ORDERS[k] for k in args.orders.split(",")},
         "backbones": {b: BACKBONES[b] for b in args.backbones.split(",")},
         "feature_size": args.feature_size,
@@ -400,11 +375,18 @@ def merge_rows(
         f"batch {args.batch_size}",
         "seed": args.seed,
     }
-    for key in SHARED_SETUP:
-        if old.get(key) != new[key]:
-            raise SystemExit(
-                f"--merge-from {args.merge_from}: '{key}' differs ({old.get(key)} vs {new[key]})"
-            )
+
+
+def merge_rows(
+    args: Any, methods: list[str], rows: list[dict[str, Any]], storage_rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Add the rows of the methods this run skipped from ``--merge-from`` (a results JSON of this
+    benchmark with the same data, backbones and schedule: only PackNet's own options may differ, and they
+    do not touch the other methods). Exits when the set-ups differ."""
+    old = json.loads(Path(args.merge_from).read_text())
+    for key, value in shared_setup(args).items():
+        if old.get(key) != value:
+            raise SystemExit(f"--merge-from {args.merge_from}: '{key}' differs ({old.get(key)} vs {value})")
     taken = sorted({r["method"] for r in old["rows"]} - set(methods))
     for r in old["rows"]:
         if r["method"] in taken:

@@ -673,7 +673,7 @@ def fuse_module(module: nn.Module, domain: str) -> nn.Module:
     for name, m in list(out.named_modules()):
         if isinstance(m, AdapterConv):
             replace_module(out, name, m.fuse(domain))
-            if isinstance(m, SeriesAdapterConv2d) and m.conv.bias is None:
+            if isinstance(m, SeriesAdapterConv2d):
                 fused.add(name)
         elif isinstance(m, DomainBatchNorm):
             replace_module(out, name, copy.deepcopy(m.norm(domain)))

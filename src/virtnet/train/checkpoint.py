@@ -130,7 +130,7 @@ def save_checkpoint(
     rng_state: torch.Tensor | None = None,
 ) -> Path:
     """Write a checkpoint atomically; returns the JSON sidecar's path."""
-    tpath, jpath = checkpoint_paths(path)
+    tpath, _ = checkpoint_paths(path)
     tensors = {f"model/{k}": _contiguous(v) for k, v in model_state.items()}
     meta = dict(meta)
     if optimizer is not None:
@@ -139,18 +139,40 @@ def save_checkpoint(
         meta["optimizer"] = om
     if rng_state is not None:
         tensors["rng/torch"] = _contiguous(rng_state)
-    data = save(tensors)
-    meta.update(
-        format=FORMAT,
-        format_version=FORMAT_VERSION,
-        versions=versions(),
-        tensor_file=tpath.name,
-        sha256=sha256_bytes(data),
-        num_bytes=len(data),
-    )
+    meta.update(format=FORMAT, format_version=FORMAT_VERSION, versions=versions(), tensor_file=tpath.name)
+    return write_pair(path, tensors, meta)
+
+
+def write_pair(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write ``tensors`` to ``<path>.safetensors`` and ``meta`` plus the tensor file's ``sha256`` and
+    ``num_bytes`` to ``<path>.json``, each atomically. Returns the JSON sidecar's path. Checkpoints, PackNet
+    ownership maps and packed PackNet models are such pairs."""
+    tpath, jpath = checkpoint_paths(path)
+    data = save({k: _contiguous(v) for k, v in tensors.items()})
+    meta = {**meta, "sha256": sha256_bytes(data), "num_bytes": len(data)}
     _atomic_write(tpath, data)
     _atomic_write(jpath, (json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
     return jpath
+
+
+def read_pair_meta(path: str | Path, fmt: str, version: int, what: str) -> tuple[Path, Path, dict[str, Any]]:
+    """Check a pair written by :func:`write_pair`: both files present, the JSON of format ``fmt`` and
+    version ``version``, the tensor file's sha256 as recorded. Returns ``(tensor path, JSON path, meta)``;
+    a one-line CheckpointError naming the file otherwise (``what`` names the kind of file)."""
+    tpath, jpath = checkpoint_paths(path)
+    if not jpath.is_file() or not tpath.is_file():
+        raise CheckpointError(f"{jpath}: {what} not found (expected {jpath.name} and {tpath.name})")
+    try:
+        meta = json.loads(jpath.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{jpath}: not valid JSON: {e.msg}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise CheckpointError(f"{jpath}: not a {what} (format '{fmt}')")
+    if meta.get("format_version") != version:
+        raise CheckpointError(f"{jpath}: {what} format version {meta.get('format_version')} unsupported")
+    if sha256_file(tpath) != meta.get("sha256"):
+        raise CheckpointError(f"{tpath}: sha256 mismatch with {jpath.name} (altered after saving)")
+    return tpath, jpath, meta
 
 
 def _json_default(o: Any) -> Any:

@@ -33,15 +33,8 @@ from torch import nn
 from torch.func import functional_call
 
 from virtnet.backbones.base import MultiTaskNet, TaskNet
-from virtnet.errors import ConfigError, TaskError
-from virtnet.methods.packnet.ownership import (
-    OwnershipMap,
-    buffer_name,
-    load_ownership,
-    read_pair_meta,
-    save_ownership,
-    write_pair,
-)
+from virtnet.errors import CheckpointError, ConfigError, TaskError
+from virtnet.methods.packnet.ownership import OwnershipMap, buffer_name, load_ownership, save_ownership
 from virtnet.nn import Route
 
 PACKED_FORMAT = "virtnet-packnet-packed"  # save_packed / load_packed
@@ -654,8 +647,6 @@ class PackNetModel(nn.Module):
             ConfigError: a free weight is not zero (only a model whose free weights were pruned to zero, or
                 that has none, can be stored this way).
         """
-        prunable = set(self.prunable)
-        aliases = {a for n in self.prunable for a in self._aliases.get(n, [])}
         tensors: dict[str, torch.Tensor] = {"ownership": self.ownership.pack()}
         for n, owner in self.ownership.items():
             w = self._param(n).detach().reshape(-1)
@@ -663,11 +654,9 @@ class PackNetModel(nn.Module):
             if bool((w[~used] != 0).any()):
                 raise ConfigError(f"PackNet packed storage: free weights of '{n}' are not zero")
             tensors[f"owned/{n}"] = w[used].clone()
-        skip = {f"net.{n}" for n in prunable | aliases} | {"num_added"}
         for k, v in self.state_dict().items():
-            if k in skip or k.startswith("ownership."):
-                continue
-            tensors[f"state/{k}"] = v.detach().clone().contiguous()
+            if not self._packed_separately(k):
+                tensors[f"state/{k}"] = v.detach().clone().contiguous()
         meta = {
             "layers": self.ownership.layout(),
             "bits": self.ownership.bits,
@@ -675,6 +664,17 @@ class PackNetModel(nn.Module):
             "num_added": int(self.num_added),
         }
         return tensors, meta
+
+    def _packed_separately(self, key: str) -> bool:
+        """State-dict keys that the packed form does not store as they are: the prunable weights (and
+        their tied aliases: stored as owned values), the ownership map (packed) and ``num_added`` (meta)."""
+        if key == "num_added" or key.startswith("ownership."):
+            return True
+        name = key[len("net.") :] if key.startswith("net.") else None
+        return name is not None and (
+            name in self.ownership.names
+            or any(name in self._aliases.get(n, ()) for n in self.ownership.names)
+        )
 
     def load_packed_state(
         self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], source: str = "packed state"
@@ -684,8 +684,6 @@ class PackNetModel(nn.Module):
         Raises:
             CheckpointError: (one line) it was saved for another network or is incomplete.
         """
-        from virtnet.errors import CheckpointError
-
         if [[str(n), [int(d) for d in sh]] for n, sh in meta.get("layers", [])] != self.ownership.layout():
             raise CheckpointError(
                 f"{source}: saved for a different network (prunable layers or shapes differ)"
@@ -698,15 +696,7 @@ class PackNetModel(nn.Module):
             raise CheckpointError(f"{source}: no ownership map")
         self.ownership.load_packed(tensors["ownership"], source)
         state = {k[len("state/") :]: v for k, v in tensors.items() if k.startswith("state/")}
-        missing = [
-            k
-            for k in self.state_dict()
-            if k not in state
-            and k != "num_added"
-            and not k.startswith("ownership.")
-            and k[len("net.") :] not in set(self.prunable)
-            and not any(k == f"net.{a}" for n in self.prunable for a in self._aliases.get(n, []))
-        ]
+        missing = [k for k in self.state_dict() if k not in state and not self._packed_separately(k)]
         if missing:
             raise CheckpointError(f"{source}: missing tensor '{missing[0]}'")
         params = dict(self.named_parameters())
@@ -736,6 +726,8 @@ class PackNetModel(nn.Module):
     def save_packed(self, path: str | Path) -> Path:
         """Write :meth:`packed_state` to ``<path>.safetensors`` + ``<path>.json`` (sha256, layout);
         returns the JSON sidecar's path."""
+        from virtnet.train.checkpoint import write_pair
+
         tensors, meta = self.packed_state()
         return write_pair(path, tensors, {"format": PACKED_FORMAT, "format_version": 1, **meta})
 
@@ -745,7 +737,7 @@ class PackNetModel(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from virtnet.errors import CheckpointError
+        from virtnet.train.checkpoint import read_pair_meta
 
         tpath, jpath, meta = read_pair_meta(path, PACKED_FORMAT, 1, "packed PackNet model")
         try:

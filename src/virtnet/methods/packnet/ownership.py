@@ -14,7 +14,6 @@ saved for another network with a one-line :class:`~virtnet.errors.CheckpointErro
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 
 from virtnet.errors import CheckpointError, ConfigError
@@ -158,46 +157,13 @@ class OwnershipMap(nn.Module):
                 start += n
 
 
-def write_pair(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write ``tensors`` to ``<path>.safetensors`` and ``meta`` (+ the file's sha256 and size) to
-    ``<path>.json``, each atomically. Returns the JSON sidecar's path."""
-    from virtnet.train.checkpoint import _atomic_write, checkpoint_paths, sha256_bytes
-
-    tpath, jpath = checkpoint_paths(path)
-    data = save({k: v.contiguous() for k, v in tensors.items()})
-    meta = {**meta, "sha256": sha256_bytes(data), "num_bytes": len(data)}
-    _atomic_write(tpath, data)
-    _atomic_write(jpath, (json.dumps(meta, indent=2) + "\n").encode())
-    return jpath
-
-
-def read_pair_meta(path: str | Path, fmt: str, version: int, what: str) -> tuple[Path, Path, dict[str, Any]]:
-    """Check a pair written by :func:`write_pair`: both files present, the JSON of format ``fmt`` and
-    version ``version``, the tensor file's sha256 as recorded. Returns ``(tensor path, JSON path, meta)``;
-    a one-line CheckpointError naming the file otherwise (``what`` names the kind of file)."""
-    from virtnet.train.checkpoint import checkpoint_paths, sha256_file
-
-    tpath, jpath = checkpoint_paths(path)
-    if not jpath.is_file() or not tpath.is_file():
-        raise CheckpointError(f"{jpath}: {what} not found (expected {jpath.name} and {tpath.name})")
-    try:
-        meta = json.loads(jpath.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{jpath}: not valid JSON: {e.msg}") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise CheckpointError(f"{jpath}: not a {what} (format '{fmt}')")
-    if meta.get("format_version") != version:
-        raise CheckpointError(f"{jpath}: {what} format version {meta.get('format_version')} unsupported")
-    if sha256_file(tpath) != meta.get("sha256"):
-        raise CheckpointError(f"{tpath}: sha256 mismatch with {jpath.name} (altered after saving)")
-    return tpath, jpath, meta
-
-
 def save_ownership(omap: OwnershipMap, path: str | Path, tasks: list[str] | None = None) -> Path:
     """Write the packed map to ``<path>.safetensors`` and its layout to ``<path>.json``.
 
     Returns the JSON sidecar's path.
     """
+    from virtnet.train.checkpoint import write_pair
+
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -216,6 +182,8 @@ def load_ownership(omap: OwnershipMap, path: str | Path, tasks: list[str] | None
         CheckpointError: (one line) the files are missing or altered, or the map was saved for a network
             with other prunable layers, shapes, task count or tasks.
     """
+    from virtnet.train.checkpoint import read_pair_meta
+
     tpath, jpath, meta = read_pair_meta(path, FORMAT, FORMAT_VERSION, "PackNet ownership map")
     saved = [[str(n), [int(d) for d in s]] for n, s in meta.get("layers", [])]
     own = omap.layout()
