@@ -211,3 +211,64 @@ def test_input_of_the_wrong_shape_for_its_task_is_refused():
         method.predict(model, torch.zeros(2, 3, 8, 8), "t0")
     with pytest.raises(DataError, match="task 't1'"):
         method.predict(model, torch.zeros(2, 3, 8, 8), "t1")
+
+
+class NaNAfter(Joint):
+    """Joint training whose loss turns NaN from the ``start``-th step on."""
+
+    name = "joint"  # not registered: used directly
+
+    def __init__(self, start: int) -> None:
+        super().__init__()
+        self.calls = 0
+        self.start = start
+
+    def training_step(self, model, batches, phase):
+        out = super().training_step(model, batches, phase)
+        self.calls += 1
+        if self.calls > self.start:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_a_nonfinite_loss_stops_training_with_a_clear_error(tmp_path):
+    import json
+
+    from virtnet.errors import TrainingError
+
+    ts = make_taskset()
+    method = NaNAfter(start=1)
+    torch.manual_seed(0)
+    model = method.build(task_specs(ts), BACKBONE)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tr = Trainer(method, model, ts, cfg(), 0, tmp_path, {"test": True}, log=lambda s: None)
+    with pytest.raises(TrainingError, match=r"phase joint, epoch 1, step 2: the loss is nan"):
+        tr.fit()
+    # stopped before the NaN reached the weights: one finite step was taken, the second was not
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1] == {"event": "nonfinite", "phase": "joint", "epoch": 0, "step": 2, "stopped": True}
+
+
+def test_a_nonfinite_loss_can_be_recorded_and_training_goes_on(tmp_path):
+    import json
+
+    ts = make_taskset()
+    method = NaNAfter(start=1)
+    torch.manual_seed(0)
+    model = method.build(task_specs(ts), BACKBONE)
+    logged: list[str] = []
+    Trainer(method, model, ts, cfg(nonfinite_loss="warn"), 0, tmp_path, {}, log=logged.append).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["event"] == "nonfinite"] == [
+        {"event": "nonfinite", "phase": "joint", "epoch": 0, "step": 2}  # the first of the phase only
+    ]
+    assert sum("warning" in line for line in logged) == 1
+    assert method.calls == 2 * tr_steps(ts)  # every step of both epochs ran
+
+
+def tr_steps(ts) -> int:
+    from virtnet.data.loader import MultiTaskLoader
+
+    return MultiTaskLoader(ts, 16, 0, sampling="all", augment=True).steps_per_epoch()

@@ -10,6 +10,7 @@ from virtnet.errors import (
     ConfigError,
     DataError,
     TaskError,
+    TrainingError,
     VirtnetError,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "TaskError",
+    "TrainingError",
     "VirtnetError",
     "__version__",
 ]

@@ -26,3 +26,7 @@ class TaskError(VirtnetError):
 
 class BudgetError(VirtnetError):
     """A budget that no level of a task fits, or an invalid budget specification."""
+
+
+class TrainingError(VirtnetError):
+    """Training cannot go on meaningfully (a non-finite loss: the run diverged)."""

@@ -24,6 +24,10 @@ class TrainConfig(Strict):
     gamma: float = Field(default=0.1, gt=0, le=1)  # step: lr factor at each milestone
     warmup_epochs: float = Field(default=0.0, ge=0)  # linear warm-up at the start of each phase
     clip_grad_norm: float | None = Field(default=None, gt=0)
+    # a step whose loss is NaN or infinite: "stop" raises TrainingError naming the phase, epoch and step
+    # (the checkpoints written so far are kept); "warn" logs the first one of each phase, writes a
+    # "nonfinite" record to metrics.jsonl and goes on (the weights are then usually NaN)
+    nonfinite_loss: Literal["stop", "warn"] = "stop"
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads (None: leave as is)
     deterministic: bool = True  # torch.use_deterministic_algorithms while training
     progress: bool = True  # progress bars on a terminal

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from virtnet.data.core import TaskSet
 from virtnet.data.loader import MultiTaskLoader
+from virtnet.errors import TrainingError
 from virtnet.train.checkpoint import (
     checkpoint_paths,
     load_checkpoint,
@@ -180,6 +181,21 @@ class Trainer:
             self._save(self.out_dir / "model", None, rng=False)
         return summary
 
+    def _nonfinite(self, phase: Any, epoch: int, step: int, loss: torch.Tensor, warned: bool) -> None:
+        """A NaN or infinite loss: stop (TrainingError) or, with ``nonfinite_loss: warn``, record it."""
+        where = f"phase {phase.name}, epoch {epoch + 1}, step {step + 1}"
+        value = float(loss.detach().float().sum())
+        record = {"event": "nonfinite", "phase": phase.name, "epoch": epoch, "step": step + 1}
+        if self.cfg.nonfinite_loss == "stop":
+            self._write_metrics({**record, "stopped": True})
+            raise TrainingError(
+                f"{where}: the loss is {value} (training diverged); lower train.lr, set "
+                "train.clip_grad_norm, or set train.nonfinite_loss: warn to go on"
+            )
+        if not warned:
+            self._write_metrics(record)
+            self.log(f"[{phase.name}] warning: {where}: the loss is {value}; going on (nonfinite_loss: warn)")
+
     def _run_phase(self, phase: Any, ckpt: Any) -> None:
         cfg = self.cfg
         model = self.model
@@ -203,6 +219,7 @@ class Trainer:
             optimizer_from_flat(opt, ckpt.optim_tensors, ckpt.meta["optimizer"])
         params = [p for g in opt.param_groups for p in g["params"]]
         show = cfg.progress and sys.stderr.isatty()
+        warned = False  # nonfinite_loss: warn logs the first non-finite loss of a phase
         for epoch in range(self.state.epoch, epochs):
             start_step = self.state.step if epoch == self.state.epoch else 0
             if start_step > 0 and ckpt is not None and ckpt.rng_state is not None:
@@ -226,6 +243,9 @@ class Trainer:
                 batches = next(it)
                 set_lr(opt, base_lr, lr_factor(sched, epoch * steps + step, total, steps))
                 out = self.method.training_step(model, batches, phase)
+                if not torch.isfinite(out["loss"]).all():
+                    self._nonfinite(phase, epoch, step, out["loss"], warned)
+                    warned = True
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 if cfg.clip_grad_norm is not None:
