@@ -94,6 +94,27 @@ def test_train_eval_info_round_trip(tmp_path, capsys):
     )
 
 
+def test_eval_measures_latency_as_the_runs_cost_section_says(tmp_path, capsys):
+    cost = {"batch_sizes": [2, 3], "repeats": 1, "warmup": 0, "threads": 1}
+    cfg = write(tmp_path, {**CONFIG, "output_dir": str(tmp_path / "run"), "cost": cost})
+    assert main(["train", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run" / "model.json"), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert {k for k in row if k.startswith("latency_ms_b") and k.count("_") == 2} == {
+        "latency_ms_b2",
+        "latency_ms_b3",
+    }
+    assert row["threads"] == 1
+    assert main(["eval", str(tmp_path / "run" / "model.json")]) == 0
+    assert "latency b2 (ms) | latency b3 (ms)" in capsys.readouterr().out
+    off = write(tmp_path, {**CONFIG, "output_dir": str(tmp_path / "off"), "cost": {"measure_latency": False}})
+    assert main(["train", str(off)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "off" / "model.json"), "--json"]) == 0
+    assert not any(k.startswith("latency") for k in json.loads(capsys.readouterr().out)["rows"][0])
+
+
 def test_resume_via_cli_runs_nothing_more_when_done(tmp_path, capsys):
     cfg = write(tmp_path, {**CONFIG, "output_dir": str(tmp_path / "run")})
     assert main(["train", str(cfg)]) == 0

@@ -171,17 +171,26 @@ def evaluate_model(
 
 def cost_rows(
     loaded: Loaded,
-    latency: bool = True,
-    threads: int = 2,
-    batch_sizes: tuple[int, ...] = (1, 64),
-    warmup: int = 5,
-    repeats: int = 20,
+    latency: bool | None = None,
+    threads: int | None = None,
+    batch_sizes: tuple[int, ...] | None = None,
+    warmup: int | None = None,
+    repeats: int | None = None,
 ) -> list[dict[str, Any]]:
     """Parameters, FLOPs, bytes and latency of every (task, level), from each level's exported network.
 
-    ``density`` is the level's parameters over the task's largest level's (a fraction).
+    ``density`` is the level's parameters over the task's largest level's (a fraction). Every timing
+    setting left as None comes from the run's ``cost:`` section (``measure_latency``, ``threads``,
+    ``batch_sizes``, ``warmup``, ``repeats``).
     """
     from virtnet.cost import level_costs
+
+    cost = loaded.config.cost
+    latency = cost.measure_latency if latency is None else latency
+    threads = cost.threads if threads is None else threads
+    batch_sizes = tuple(cost.batch_sizes) if batch_sizes is None else batch_sizes
+    warmup = cost.warmup if warmup is None else warmup
+    repeats = cost.repeats if repeats is None else repeats
 
     rows = []
     for spec in loaded.specs:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -78,6 +79,13 @@ def _fmt(v: Any, key: str) -> str:
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]] = TABLE_COLUMNS) -> str:
     cols = [(k, h) for k, h in columns if any(k in r for r in rows)]
+    if columns is TABLE_COLUMNS:  # latency at whatever batch sizes the run's cost section measured
+        known = {k for k, _ in cols}
+        extra = sorted(
+            {k for r in rows for k in r if re.fullmatch(r"latency_ms_b\d+", k) and k not in known},
+            key=lambda k: int(k.rsplit("b", 1)[1]),
+        )
+        cols += [(k, f"latency b{k.rsplit('b', 1)[1]} (ms)") for k in extra]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(k), k) for k, _ in cols) + " |")
@@ -85,7 +93,12 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]] = TABLE_COL
 
 
 def _eval_rows(
-    ckpt: str, data_root: str | None, split: str, latency: bool, threads: int, repeats: int
+    ckpt: str,
+    data_root: str | None,
+    split: str,
+    latency: bool | None,
+    threads: int | None,
+    repeats: int | None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     from virtnet import api
 
@@ -221,7 +234,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_eval_budget(args)
 
     loaded, rows = _eval_rows(
-        args.checkpoint, args.data_root, args.split, not args.no_latency, args.threads, args.repeats
+        args.checkpoint,
+        args.data_root,
+        args.split,
+        False if args.no_latency else None,
+        args.threads,
+        args.repeats,
     )
     total = api.total_parameters(loaded.model)
     summary = loaded.method.summary(loaded.model, rows)
@@ -344,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root")
     e.add_argument("--json", action="store_true", help="print machine-readable JSON")
     e.add_argument("--no-latency", action="store_true", help="skip latency measurement")
-    e.add_argument("--threads", type=int, default=2)
-    e.add_argument("--repeats", type=int, default=20)
+    e.add_argument("--threads", type=int, help="threads while timing (default: the run's cost.threads)")
+    e.add_argument("--repeats", type=int, help="timed calls per measurement (default: cost.repeats)")
     e.add_argument("--plot", help="write an accuracy-against-density plot (PNG) here")
     e.add_argument("--report", metavar="STEM", help="write STEM.json, STEM.csv and STEM.md")
     e.add_argument(
@@ -372,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
     i.add_argument("--latency", action="store_true", help="also measure latency")
-    i.add_argument("--threads", type=int, default=2)
+    i.add_argument("--threads", type=int, help="threads while timing (default: the run's cost.threads)")
     i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("demo", help="train and report a small multi-task model on the bundled digits")

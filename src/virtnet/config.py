@@ -11,7 +11,7 @@ A run config has five sections::
     cost:    {...}   # latency measurement settings
 
 An unknown key, a wrong type or an impossible value is a :class:`ConfigError` whose one-line message
-names the file and the key, e.g. ``run.yaml: train.epochs: Input should be greater than 0``.
+names the file and the key, e.g. ``run.yaml: train.epochs: Input should be greater than or equal to 1``.
 """
 
 from __future__ import annotations
