@@ -8,7 +8,9 @@ Sequences (each task learned once, in order, without the earlier tasks' data):
 on a small VGG (VGG-11 with batch norm, width 0.25, one hidden FC layer of 128) and a small ResNet
 (ResNet-20, CIFAR layout, width 0.5). Every task has its own stem (3x3 convolution + BN mapping its images
 to the trunk's 14x14 input: stride 2 for 28x28, bilinear upsampling for 8x8) and its own linear head;
-stems and heads are task-specific parameters and count in the storage.
+stems and heads are task-specific parameters and count in the storage. Individual networks: one run per
+task, --epochs epochs over that task's training images (the same number of steps per task as the
+sequential methods get).
 
 After each added task, every task learned so far is evaluated on its full test split (MNIST and
 Fashion-MNIST 10,000 images, KMNIST-10k its own 2,000, digits 360), read from the run's per-phase
@@ -70,13 +72,30 @@ def task_config(name: str, train_size: int) -> dict[str, Any]:
     return {"name": name, "dataset": name, "train_size": train_size}
 
 
-def method_options(method: str, args: Any, num_tasks: int) -> dict[str, Any]:
+def order_ratios(args: Any) -> dict[str, list[float]]:
+    """``--order-ratios A=0.9,0.75,0.75,0.5`` (repeatable): PackNet's pruning ratios of one order."""
+    out: dict[str, list[float]] = {}
+    for item in args.order_ratios:
+        order, sep, values = item.partition("=")
+        if not sep or order not in ORDERS:
+            raise SystemExit(
+                f"--order-ratios {item!r}: expected ORDER=r1,r2,... with ORDER in {list(ORDERS)}"
+            )
+        ratios = [float(v) for v in values.split(",")]
+        if len(ratios) not in (len(ORDERS[order]) - 1, len(ORDERS[order])):
+            raise SystemExit(f"--order-ratios {item!r}: order {order} has {len(ORDERS[order])} tasks")
+        out[order] = ratios
+    return out
+
+
+def method_options(method: str, args: Any, num_tasks: int, order: str | None = None) -> dict[str, Any]:
     if method in ("packnet", "packnet_task_bn"):
         return {
             "shared_stem": False,
             # the last task is pruned too when --last-ratio > 0 (room for a next task; free weights are
-            # zeros that the packed storage does not store)
-            "prune_ratios": [args.first_ratio]
+            # zeros that the packed storage does not store); --order-ratios replaces the whole list
+            "prune_ratios": order_ratios(args).get(order or "")
+            or [args.first_ratio]
             + [args.later_ratio] * (num_tasks - 2)
             + ([args.last_ratio] if args.last_ratio > 0 else []),
             "retrain_epochs": args.retrain_epochs,
@@ -91,14 +110,16 @@ def method_options(method: str, args: Any, num_tasks: int) -> dict[str, Any]:
     return {}
 
 
-def run_config(args: Any, backbone: str, method: str, tasks: list[str], out: Path) -> RunConfig:
+def run_config(
+    args: Any, backbone: str, method: str, tasks: list[str], out: Path, order: str | None = None
+) -> RunConfig:
     return RunConfig.from_dict(
         {
             "seed": args.seed,
             "output_dir": str(out),
             "data": {"root": args.data_root, "tasks": [task_config(t, args.train_size) for t in tasks]},
             "model": {**BACKBONES[backbone], "feature_size": args.feature_size},
-            "method": {"name": method.split("_task")[0], **method_options(method, args, len(tasks))},
+            "method": {"name": method.split("_task")[0], **method_options(method, args, len(tasks), order)},
             "train": {
                 "epochs": args.epochs,
                 "batch_size": args.batch_size,
@@ -109,6 +130,9 @@ def run_config(args: Any, backbone: str, method: str, tasks: list[str], out: Pat
                 "schedule": "cosine",
                 "eval_every": 0,
                 "checkpoint_every": 0,
+                # a diverging run (the paper's frozen batch norm from scratch) is recorded, not stopped:
+                # its tasks show chance accuracy and metrics.jsonl a "nonfinite" record
+                "nonfinite_loss": "warn",
                 "threads": args.threads,
                 "progress": False,
             },
@@ -194,6 +218,12 @@ def main() -> None:
         "--widths", default="", help="backbone widths, e.g. 'vgg=0.5,resnet=1.0' (default: BACKBONES)"
     )
     p.add_argument(
+        "--order-ratios",
+        action="append",
+        default=[],
+        help="PackNet pruning ratios of one order, e.g. 'A=0.9,0.75,0.75,0.5' (repeatable; else the above)",
+    )
+    p.add_argument(
         "--prune-steps", type=int, default=1, help="PackNet prune + re-train rounds per task (incremental)"
     )
     p.add_argument("--retrain-epochs", type=int, default=1, help="PackNet re-training epochs after pruning")
@@ -243,34 +273,46 @@ def main() -> None:
         one_network = None
         individual_acc: dict[str, float] = {}
         if "individual" in methods:
-            out = work / backbone / "individual"
-            cfg = run_config(args, backbone, "individual", all_tasks, out)
-            run = api.train(cfg, taskset=full, log=lambda s: None)
-            loaded = api.load(out / "model.json")
-            sizes = {t: tensor_bytes(loaded.model.nets[t]) for t in all_tasks}
+            # one run per task, --epochs epochs over that task's images alone: the same number of steps
+            # per task as every sequential method (one joint run of independent networks would cycle a
+            # small task such as digits many times per epoch)
+            results: dict[str, dict[str, Any]] = {}
+            for t in all_tasks:
+                out = work / backbone / "individual" / t
+                cfg = run_config(args, backbone, "individual", [t], out)
+                run = api.train(cfg, taskset=TaskSet([full[t]], t), log=lambda s: None)
+                loaded = api.load(out / "model.json")
+                (row,) = run.test_rows
+                results[t] = {
+                    "row": row,
+                    "net": loaded.model.nets[t],
+                    "flops": flops_of(loaded, t),
+                    "seconds_per_epoch": statistics.median(run.summary["epoch_seconds"]),
+                }
+            sizes = {t: tensor_bytes(results[t]["net"]) for t in all_tasks}
             one_network = sizes[all_tasks[0]]
-            individual_acc = {r["task"]: r["accuracy"] for r in run.test_rows}
+            individual_acc = {t: results[t]["row"]["accuracy"] for t in all_tasks}
             print(f"[{backbone}] individual: {individual_acc}; one network {one_network:,} bytes", flush=True)
             for order, tasks in orders.items():
                 total = sum(sizes[t] for t in tasks)
-                for r in run.test_rows:
-                    if r["task"] in tasks:
-                        rows.append(
-                            {
-                                "method": "individual",
-                                "scenario": order,
-                                "backbone": backbone,
-                                "after_task": r["task"],
-                                "after_index": tasks.index(r["task"]) + 1,
-                                "task": r["task"],
-                                "level": 1,
-                                **_acc(r),
-                                "params": sum(p.numel() for p in loaded.model.nets[r["task"]].parameters()),
-                                "flops": flops_of(loaded, r["task"]),
-                                "model_bytes": sizes[r["task"]],
-                                "seconds_per_epoch": statistics.median(run.summary["epoch_seconds"]),
-                            }
-                        )
+                for t in tasks:
+                    r = results[t]["row"]
+                    rows.append(
+                        {
+                            "method": "individual",
+                            "scenario": order,
+                            "backbone": backbone,
+                            "after_task": t,
+                            "after_index": tasks.index(t) + 1,
+                            "task": t,
+                            "level": 1,
+                            **_acc(r),
+                            "params": sum(p.numel() for p in results[t]["net"].parameters()),
+                            "flops": results[t]["flops"],
+                            "model_bytes": sizes[t],
+                            "seconds_per_epoch": results[t]["seconds_per_epoch"],
+                        }
+                    )
                 storage_rows.append(
                     {
                         "method": "individual",
@@ -279,7 +321,7 @@ def main() -> None:
                         "task": "(all)",
                         "level": 1,
                         "accuracy": None,
-                        "params": sum(p.numel() for t in tasks for p in loaded.model.nets[t].parameters()),
+                        "params": sum(p.numel() for t in tasks for p in results[t]["net"].parameters()),
                         "flops": None,
                         "models": len(tasks),
                         "model_bytes": total,
@@ -292,7 +334,7 @@ def main() -> None:
                 out = work / backbone / order / method
                 t0 = time.perf_counter()
                 run = api.train(
-                    run_config(args, backbone, method, tasks, out), taskset=ts, log=lambda s: None
+                    run_config(args, backbone, method, tasks, out, order), taskset=ts, log=lambda s: None
                 )
                 seconds = time.perf_counter() - t0
                 seq, pruned = after_each_task(out, ts)
@@ -349,7 +391,11 @@ def main() -> None:
         extra={
             **{k: v for k, v in shared_setup(args).items() if k != "seed"},
             "packnet": method_options("packnet", args, 4)
-            | {"prune_ratios (3 tasks)": method_options("packnet", args, 3)["prune_ratios"]},
+            | {"prune_ratios (3 tasks)": method_options("packnet", args, 3)["prune_ratios"]}
+            | {
+                f"prune_ratios (order {o})": method_options("packnet", args, len(t), o)["prune_ratios"]
+                for o, t in orders.items()
+            },
             "packnet_task_bn": "packnet with task_specific_bn: true",
             "acceptance": summary,
             "wall_seconds": round(elapsed, 1),
@@ -388,8 +434,11 @@ def merge_rows(
         if old.get(key) != value:
             raise SystemExit(f"--merge-from {args.merge_from}: '{key}' differs ({old.get(key)} vs {value})")
     taken = sorted({r["method"] for r in old["rows"]} - set(methods))
+    ind = {(r["backbone"], r["task"]): r["accuracy"] for r in rows if r["method"] == "individual"}
     for r in old["rows"]:
         if r["method"] in taken:
+            if "vs_individual" in r and (r["backbone"], r["task"]) in ind:  # against this run's networks
+                r = {**r, "vs_individual": r["accuracy"] - ind[(r["backbone"], r["task"])]}
             (storage_rows if r["task"] == "(all)" else rows).append(r)
     return {"file": str(args.merge_from), "command": old.get("command"), "methods": taken}
 
