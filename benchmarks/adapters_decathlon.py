@@ -10,7 +10,12 @@ checkpoint:
 * ``feature_extraction``: the frozen universal network with a new head per domain;
 * ``series`` / ``parallel`` adapters (all placements), ``parallel (early|mid|late|half)``, ``parallel SVD``
   (cross-domain compression, K = C/2, gamma_t fine-tuned after the SVD) and ``parallel SVD (half)`` (K =
-  C T / (2 (T + 1)), which halves the adapter parameters for T target domains).
+  C T / (2 (T + 1)), which halves the adapter parameters for T target domains); the same two fine-tuned
+  after the SVD at a tenth of the adaptation rate (``lr/10``), gamma_t alone or with each domain's batch
+  norms and head (``+BN/head``).
+
+``--merge-from`` copies the methods not run now from an earlier results JSON with the same set-up (source,
+targets, data, schedule), e.g. to add a variant without re-training the others.
 
 Every target-domain run trains --epochs epochs (SGD, Nesterov momentum 0.9, cosine schedule, batch 64) at
 the learning rate chosen per method on a validation split by benchmarks/adapters_lr_sweep.py
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -60,6 +66,29 @@ ADAPTER_METHODS = {
     # K/C = T / (2 (T + 1)) halves the adapter parameters for T domains: (T C K + C K) / (T C^2) = 1/2
     # (the paper's K = C/2 gives (T + 1) / (2 T): 0.67 for our T = 3, 0.55 for the decathlon's T = 10)
     "parallel SVD (half)": {"kind": "parallel", "compression": "svd", "svd_fraction": "half"},
+    # the fine-tuning after the SVD at a tenth of the adaptation rate (the paper gives no rate): gamma_t
+    # alone (the paper's choice), or with the domain's batch norms and head (compress_tune: domain; same
+    # adapter parameters: BN and head are trainable and counted in every adapter method)
+    "parallel SVD lr/10": {"kind": "parallel", "compression": "svd", "compress_lr": "tenth"},
+    "parallel SVD (half) lr/10": {
+        "kind": "parallel",
+        "compression": "svd",
+        "svd_fraction": "half",
+        "compress_lr": "tenth",
+    },
+    "parallel SVD +BN/head lr/10": {
+        "kind": "parallel",
+        "compression": "svd",
+        "compress_tune": "domain",
+        "compress_lr": "tenth",
+    },
+    "parallel SVD (half) +BN/head lr/10": {
+        "kind": "parallel",
+        "compression": "svd",
+        "svd_fraction": "half",
+        "compress_tune": "domain",
+        "compress_lr": "tenth",
+    },
 }
 
 
@@ -133,6 +162,11 @@ def main() -> None:
     p.add_argument("--fractions", default="0.01,0.05,0.2,1.0")
     p.add_argument("--max-curve-epochs", type=int, default=100)
     p.add_argument(
+        "--merge-from",
+        default=None,
+        help="results JSON of an earlier run with the same set-up: copy the methods not run now",
+    )
+    p.add_argument(
         "--reuse-source",
         action="store_true",
         help="reuse runs/.../source when it was trained with the same config (saves the pretraining)",
@@ -180,7 +214,7 @@ def main() -> None:
                 "train": src_train,
             }
         ).to_dict()
-        if loaded.meta["config"] != want:
+        if RunConfig.from_dict(loaded.meta["config"]).to_dict() != want:  # (options added since: defaults)
             raise SystemExit(f"{previous}: trained with another config; drop --reuse-source")
         print(f"reusing the universal network in {previous}", flush=True)
         src_run = SimpleNamespace(
@@ -225,6 +259,14 @@ def main() -> None:
         for t in targets:
             rows.append({"method": method, "scenario": scenario, "task": t, "level": 1, **per_domain[t]})
 
+    merged = None
+    if args.merge_from:
+        merged = merge_methods(args.merge_from, methods, setup(args, targets, info, adapter_wd_of(args)))
+        for m, (per, total_params, secs, adapter_params) in merged["methods"].items():
+            add(m, per, total_params, secs)
+            if adapter_params is not None:
+                summary[m]["adapter_params"] = adapter_params
+
     # ---- baselines: T fine-tuned networks, feature extraction ----------------------------------------
     for base in ("finetune", "feature_extraction"):
         if base not in methods:
@@ -261,16 +303,17 @@ def main() -> None:
         add(base, per, total_params, secs)
 
     # ---- adapters ----------------------------------------------------------------------------------
-    awd = args.adapter_weight_decay
-    adapter_wd: str | float = awd if awd == "by_size" else float(awd)
+    adapter_wd = adapter_wd_of(args)
     for name, options in ADAPTER_METHODS.items():
         if name not in methods:
             continue
         print(name, flush=True)
         if options.get("svd_fraction") == "half":
             options = {**options, "svd_fraction": len(targets) / (2 * (len(targets) + 1))}
+        if options.get("compress_lr") == "tenth":
+            options = {**options, "compress_lr": args.lr_adapters / 10}
         r, s = run(
-            name.replace(" ", "_").replace("(", "").replace(")", ""),
+            re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"),  # the run's folder
             work,
             target_data,
             target_set,
@@ -335,22 +378,8 @@ def main() -> None:
         args.seed,
         args.out,
         extra={
-            "source": args.source,
-            "targets": targets,
-            "backbone": f"resnet26 width {args.width}",
-            "data": info,
-            "train": {
-                "source_epochs": args.source_epochs,
-                "epochs": args.epochs,
-                "batch_size": args.batch_size,
-                "lr_source": args.lr_source,
-                "lr_finetune": args.lr_finetune,
-                "lr_adapters": args.lr_adapters,
-                "lr_series": args.lr_series,
-                "weight_decay_baselines": args.weight_decay,
-                "weight_decay_adapters": adapter_wd,
-                "threads": args.threads,
-            },
+            **setup(args, targets, info, adapter_wd),
+            **({"merged_from": {**merged, "methods": sorted(merged["methods"])}} if merged else {}),
             "one_network_params": one_network,
             "summary": summary,
             "score_baseline_errors": baseline,
@@ -369,6 +398,54 @@ def main() -> None:
     print(f"total {total():.0f}s", flush=True)
 
 
+def adapter_wd_of(args: Any) -> str | float:
+    awd = args.adapter_weight_decay
+    return awd if awd == "by_size" else float(awd)
+
+
+def setup(args: Any, targets: list[str], info: dict[str, Any], adapter_wd: str | float) -> dict[str, Any]:
+    """What a run's results depend on besides the methods (what --merge-from compares)."""
+    return {
+        "source": args.source,
+        "targets": targets,
+        "backbone": f"resnet26 width {args.width}",
+        "data": info,
+        "train": {
+            "source_epochs": args.source_epochs,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr_source": args.lr_source,
+            "lr_finetune": args.lr_finetune,
+            "lr_adapters": args.lr_adapters,
+            "lr_series": args.lr_series,
+            "weight_decay_baselines": args.weight_decay,
+            "weight_decay_adapters": adapter_wd,
+            "threads": args.threads,
+        },
+    }
+
+
+def merge_methods(path: str, methods: list[str], want: dict[str, Any]) -> dict[str, Any]:
+    """The per-domain rows and summary of the methods of ``path`` (a results JSON of this benchmark with
+    the same set-up) that this run does not train. Exits when the set-ups differ."""
+    old = json.loads(Path(path).read_text())
+    for key, value in want.items():
+        if old.get(key) != value:
+            raise SystemExit(f"--merge-from {path}: '{key}' differs ({old.get(key)} vs {value})")
+    out: dict[str, Any] = {}
+    for m, s in old["summary"].items():
+        if m in methods:
+            continue
+        keep = ("accuracy", "params", "domain_params", "flops", "adapted_layers")
+        per = {
+            r["task"]: {k: r[k] for k in keep if k in r}
+            for r in old["rows"]
+            if r["method"] == m and r["task"] in want["targets"]
+        }
+        out[m] = (per, s["total_params"], s["seconds"], s.get("adapter_params"))
+    return {"file": path, "command": old.get("command"), "methods": out}
+
+
 def targets_met(summary: dict[str, dict[str, Any]], acc: dict[str, dict[str, float]]) -> dict[str, Any]:
     """The issue's targets, each with the measured figures."""
     out: dict[str, Any] = {}
@@ -379,7 +456,7 @@ def targets_met(summary: dict[str, dict[str, Any]], acc: dict[str, dict[str, flo
             "parallel": s["parallel"],
             "series": s["series"],
         }
-    for svd in ("parallel SVD", "parallel SVD (half)"):
+    for svd in [m for m in ADAPTER_METHODS if m.startswith("parallel SVD")]:
         if "parallel" in s and svd in s:
             ratio = summary[svd]["adapter_params"] / summary["parallel"]["adapter_params"]
             out[f"{svd} within 0.5 points of parallel"] = {

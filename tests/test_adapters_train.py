@@ -200,6 +200,38 @@ def test_param_groups_weight_decay_by_size_and_compression_phases(source):
     assert fixed.param_groups(model, Phase("adapt-b", ["b"], 1, {}))[0]["weight_decay"] == 0.01
 
 
+def test_compress_phases_can_tune_the_domain_and_override_epochs_and_lr(source):
+    method = make_method(
+        "adapters",
+        {
+            "init_from": source,
+            "compression": "svd",
+            "compress_tune": "domain",
+            "compress_epochs": 3,
+            "compress_lr": 0.01,
+        },
+    )
+    torch.manual_seed(0)
+    model = method.build(SPECS, BackboneConfig(**MODEL))
+    phases = method.phases([s.name for s in SPECS])
+    assert all("epochs" not in p.info and "lr" not in p.info for p in phases[:3])  # adapt: train.*
+    assert [(p.info["epochs"], p.info["lr"]) for p in phases[3:]] == [(3, 0.01)] * 3
+    method.on_phase_start(model, phases[3])
+    (group,) = method.param_groups(
+        model, Phase("compress-b", ["b"], 4, {"step": "compress", "train_sizes": {"b": 10}})
+    )
+    gammas = [b.gammas["b"] for b in model.banks() if "b" in b.domains]
+    rest = model.domain_parameters("b", adapters=False, rest=True)
+    assert {id(p) for p in group["params"]} == {id(p) for p in gammas + rest}
+    assert len(group["params"]) == len(gammas) + len(rest)  # no parameter twice
+    assert not {id(p) for p in model.universal_parameters()} & {id(p) for p in group["params"]}
+    assert not {id(b.beta) for b in model.banks()} & {id(p) for p in group["params"]}  # beta stays fixed
+    with pytest.raises(ValueError, match="compression is 'none'"):
+        AdaptersConfig(compress_tune="domain")
+    with pytest.raises(ValueError, match="compress_epochs"):
+        AdaptersConfig(compression="svd", compress_epochs=0)
+
+
 def test_placements_choose_layers_by_name(source):
     def names(**options) -> list[str]:
         return build(source, specs=SPECS[:2], **options).adapted

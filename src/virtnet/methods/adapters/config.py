@@ -8,6 +8,7 @@ Example::
       placement: all            # all | early | mid | late | half
       init_from: runs/source/model.json
       compression: svd          # none | svd (cross-domain) | svd_single (per-domain low rank)
+      compress_tune: factors    # compress phases fine-tune gamma_t only (factors) or also BN + head (domain)
       weight_decay: by_size     # the paper's three groups by training-set size; a number; {domain: number}
 """
 
@@ -38,6 +39,11 @@ class AdaptersConfig(MethodConfig):
     compression: Literal["none", "svd", "svd_single"] = "none"  # Sec. 3.4; adds one gamma phase per domain
     svd_rank: int | None = Field(default=None, ge=1)  # K for every layer (default: svd_fraction * C)
     svd_fraction: float = Field(default=0.5, gt=0, le=1)  # K = max(1, round(fraction * C_out))
+    # what a compress-<t> phase fine-tunes: "factors" (the paper: gamma_t only, beta_t for svd_single) or
+    # "domain" (the factors and domain t's batch norms, head and own stem, as its adapt phase does)
+    compress_tune: Literal["factors", "domain"] = "factors"
+    compress_epochs: int | None = Field(default=None, ge=1)  # epochs of a compress phase (train.epochs)
+    compress_lr: float | None = Field(default=None, gt=0)  # its learning rate (default: train.lr)
     weight_decay: Literal["by_size"] | float | dict[str, float] = "by_size"  # per domain (Sec. 4.1)
     size_groups: list[tuple[int | None, float]] = Field(default_factory=lambda: list(PAPER_SIZE_GROUPS))
     dropout: float = Field(default=0.0, ge=0, lt=1)  # on the input of each block's second adapter
@@ -48,6 +54,9 @@ class AdaptersConfig(MethodConfig):
     def _check(self) -> AdaptersConfig:
         if self.svd_rank is not None and self.compression == "none":
             raise ValueError("svd_rank is set but compression is 'none'")
+        tuning = self.compress_tune != "factors" or self.compress_epochs or self.compress_lr
+        if self.compression == "none" and tuning:
+            raise ValueError("compress_tune / _epochs / _lr are set but compression is 'none'")
         if isinstance(self.weight_decay, float) and self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if isinstance(self.weight_decay, dict) and any(v < 0 for v in self.weight_decay.values()):

@@ -10,6 +10,7 @@ Rebuffi, Bilen and Vedaldi, "Efficient parametrization of multi-domain deep neur
              weight decay by t's training-set size; the universal weights are in no optimizer group
     phase    compress-<t> (compression svd / svd_single): at the first one, per layer the SVD of the
              stacked alpha_t gives beta (shared) and gamma_t; then each gamma_t is fine-tuned on t
+             (compress_tune: domain: with t's batch norms and head; compress_epochs / compress_lr)
     deploy   level 1 of domain t = t's network; export() fuses its adapters into the kernels
 """
 
@@ -45,9 +46,11 @@ class Adapters(Method):
         """``adapt-<t>`` for every domain, then (with compression) ``compress-<t>`` for every domain."""
         out = [Phase(f"adapt-{t}", [t], i, {"step": "adapt"}) for i, t in enumerate(tasks)]
         if self.config.compression != "none":
-            n = len(out)
+            n, cfg = len(out), self.config
+            extra = {"epochs": cfg.compress_epochs, "lr": cfg.compress_lr}
+            extra = {k: v for k, v in extra.items() if v is not None}  # else train.epochs / train.lr
             out += [
-                Phase(f"compress-{t}", [t], n + i, {"step": "compress", "decompose": i == 0})
+                Phase(f"compress-{t}", [t], n + i, {"step": "compress", "decompose": i == 0, **extra})
                 for i, t in enumerate(tasks)
             ]
         return out
@@ -59,13 +62,14 @@ class Adapters(Method):
 
     def param_groups(self, model: nn.Module, phase: Phase) -> list[dict[str, Any]]:
         """Adapt phase: the domain's adapters, batch norms, head (and own stem). Compression phase: its
-        ``gamma_t`` (and ``beta_t`` for single-domain factors). One group, with the domain's weight decay;
-        the universal weights are in no group, so neither momentum nor weight decay can move them."""
+        ``gamma_t`` (and ``beta_t`` for single-domain factors), with ``compress_tune: domain`` also its
+        batch norms, head and own stem. One group, with the domain's weight decay; the universal weights
+        (and the shared ``beta``) are in no group, so neither momentum nor weight decay can move them."""
         assert isinstance(model, AdapterNet)
         domain = phase.tasks[0]
         sizes = phase.info.get("train_sizes") or {}
         decay = self.config.decay_for(domain, sizes.get(domain))
-        rest = phase.info.get("step", "adapt") == "adapt"
+        rest = phase.info.get("step", "adapt") == "adapt" or self.config.compress_tune == "domain"
         return [{"params": model.domain_parameters(domain, adapters=True, rest=rest), "weight_decay": decay}]
 
     # ---- inference ---------------------------------------------------------------------------------
