@@ -63,21 +63,25 @@ class Interrupt(Exception):
     pass
 
 
-class InterruptingJoint(Joint):
-    """Joint training that dies before its ``stop_at``-th step."""
+class ScriptedJoint(Joint):
+    """Joint training that dies before its ``stop_at``-th step, or whose loss is NaN after ``nan_after``
+    steps."""
 
     name = "joint"  # not registered: used directly
 
-    def __init__(self, stop_at: int) -> None:
+    def __init__(self, stop_at: int | None = None, nan_after: int | None = None) -> None:
         super().__init__()
         self.calls = 0
-        self.stop_at = stop_at
+        self.stop_at, self.nan_after = stop_at, nan_after
 
     def training_step(self, model, batches, phase):
         if self.calls == self.stop_at:
             raise Interrupt
         self.calls += 1
-        return super().training_step(model, batches, phase)
+        out = super().training_step(model, batches, phase)
+        if self.nan_after is not None and self.calls > self.nan_after:
+            out["loss"] = out["loss"] * float("nan")
+        return out
 
 
 @pytest.mark.parametrize("every_steps, stop_at", [(2, 5), (0, 4)])
@@ -86,7 +90,7 @@ def test_resume_ends_with_the_same_weights(tmp_path, every_steps, stop_at):
     train_cfg = cfg(epochs=3, checkpoint_every_steps=every_steps)
     ref = fit("joint", ts, train_cfg, out=tmp_path / "ref")
 
-    method = InterruptingJoint(stop_at)
+    method = ScriptedJoint(stop_at=stop_at)
     torch.manual_seed(0)
     model = method.build(task_specs(ts), BACKBONE)
     with pytest.raises(Interrupt):
@@ -213,31 +217,13 @@ def test_input_of_the_wrong_shape_for_its_task_is_refused():
         method.predict(model, torch.zeros(2, 3, 8, 8), "t1")
 
 
-class NaNAfter(Joint):
-    """Joint training whose loss turns NaN from the ``start``-th step on."""
-
-    name = "joint"  # not registered: used directly
-
-    def __init__(self, start: int) -> None:
-        super().__init__()
-        self.calls = 0
-        self.start = start
-
-    def training_step(self, model, batches, phase):
-        out = super().training_step(model, batches, phase)
-        self.calls += 1
-        if self.calls > self.start:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-
 def test_a_nonfinite_loss_stops_training_with_a_clear_error(tmp_path):
     import json
 
     from virtnet.errors import TrainingError
 
     ts = make_taskset()
-    method = NaNAfter(start=1)
+    method = ScriptedJoint(nan_after=1)
     torch.manual_seed(0)
     model = method.build(task_specs(ts), BACKBONE)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -255,7 +241,7 @@ def test_a_nonfinite_loss_can_be_recorded_and_training_goes_on(tmp_path):
     import json
 
     ts = make_taskset()
-    method = NaNAfter(start=1)
+    method = ScriptedJoint(nan_after=1)
     torch.manual_seed(0)
     model = method.build(task_specs(ts), BACKBONE)
     logged: list[str] = []

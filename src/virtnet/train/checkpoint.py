@@ -162,14 +162,7 @@ def read_pair_meta(path: str | Path, fmt: str, version: int, what: str) -> tuple
     tpath, jpath = checkpoint_paths(path)
     if not jpath.is_file() or not tpath.is_file():
         raise CheckpointError(f"{jpath}: {what} not found (expected {jpath.name} and {tpath.name})")
-    try:
-        meta = json.loads(jpath.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{jpath}: not valid JSON: {e.msg}") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise CheckpointError(f"{jpath}: not a {what} (format '{fmt}')")
-    if meta.get("format_version") != version:
-        raise CheckpointError(f"{jpath}: {what} format version {meta.get('format_version')} unsupported")
+    meta = _sidecar(jpath, fmt, version, what)
     if sha256_file(tpath) != meta.get("sha256"):
         raise CheckpointError(f"{tpath}: sha256 mismatch with {jpath.name} (altered after saving)")
     return tpath, jpath, meta
@@ -192,16 +185,21 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{jpath}: checkpoint metadata not found (expected <name>.json beside <name>.safetensors)"
         )
+    return _sidecar(jpath, FORMAT, FORMAT_VERSION, "virtnet checkpoint")
+
+
+def _sidecar(jpath: Path, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """The JSON sidecar ``jpath``, checked: valid JSON, format ``fmt``, version ``version``."""
     try:
         meta = json.loads(jpath.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{jpath}: not valid JSON: {e.msg} at line {e.lineno}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{jpath}: not a virtnet checkpoint (missing format '{FORMAT}')")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise CheckpointError(f"{jpath}: not a {what} (missing format '{fmt}')")
+    if meta.get("format_version") != version:
         raise CheckpointError(
-            f"{jpath}: checkpoint format version {meta.get('format_version')} is not supported "
-            f"(this virtnet reads version {FORMAT_VERSION})"
+            f"{jpath}: {what} format version {meta.get('format_version')} is not supported "
+            f"(this virtnet reads version {version})"
         )
     return meta
 
