@@ -8,6 +8,7 @@ the seed and the machine, the JSON as {"command", "seed", "machine", "rows": [{"
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -158,3 +159,13 @@ def sgd_train(args: argparse.Namespace) -> dict[str, Any]:
         "weight_decay": 5e-4,
         "schedule": "cosine",
     }
+
+
+def read_mergeable(path: str | Path, setup: dict[str, Any]) -> dict[str, Any]:
+    """The results JSON ``path`` for ``--merge-from``: exits unless every key of ``setup`` (what the
+    results depend on besides the methods) has the same value there."""
+    old = json.loads(Path(path).read_text())
+    for key, value in setup.items():
+        if old.get(key) != value:
+            raise SystemExit(f"--merge-from {path}: '{key}' differs ({old.get(key)} vs {value})")
+    return old

@@ -45,7 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import Timer, parser, write_results  # noqa: E402
+from _common import Timer, parser, read_mergeable, write_results  # noqa: E402
 
 from virtnet import api  # noqa: E402
 from virtnet.config import RunConfig  # noqa: E402
@@ -259,9 +259,10 @@ def main() -> None:
         for t in targets:
             rows.append({"method": method, "scenario": scenario, "task": t, "level": 1, **per_domain[t]})
 
+    adapter_wd = adapter_wd_of(args)
     merged = None
     if args.merge_from:
-        merged = merge_methods(args.merge_from, methods, setup(args, targets, info, adapter_wd_of(args)))
+        merged = merge_methods(args.merge_from, methods, setup(args, targets, info, adapter_wd))
         for m, (per, total_params, secs, adapter_params) in merged["methods"].items():
             add(m, per, total_params, secs)
             if adapter_params is not None:
@@ -303,7 +304,6 @@ def main() -> None:
         add(base, per, total_params, secs)
 
     # ---- adapters ----------------------------------------------------------------------------------
-    adapter_wd = adapter_wd_of(args)
     for name, options in ADAPTER_METHODS.items():
         if name not in methods:
             continue
@@ -428,10 +428,7 @@ def setup(args: Any, targets: list[str], info: dict[str, Any], adapter_wd: str |
 def merge_methods(path: str, methods: list[str], want: dict[str, Any]) -> dict[str, Any]:
     """The per-domain rows and summary of the methods of ``path`` (a results JSON of this benchmark with
     the same set-up) that this run does not train. Exits when the set-ups differ."""
-    old = json.loads(Path(path).read_text())
-    for key, value in want.items():
-        if old.get(key) != value:
-            raise SystemExit(f"--merge-from {path}: '{key}' differs ({old.get(key)} vs {value})")
+    old = read_mergeable(path, want)
     out: dict[str, Any] = {}
     for m, s in old["summary"].items():
         if m in methods:

@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import parser, write_results  # noqa: E402
+from _common import parser, read_mergeable, write_results  # noqa: E402
 
 from virtnet import api  # noqa: E402
 from virtnet.config import RunConfig  # noqa: E402
@@ -429,10 +429,7 @@ def merge_rows(
     """Add the rows of the methods this run skipped from ``--merge-from`` (a results JSON of this
     benchmark with the same data, backbones and schedule: only PackNet's own options may differ, and they
     do not touch the other methods). Exits when the set-ups differ."""
-    old = json.loads(Path(args.merge_from).read_text())
-    for key, value in shared_setup(args).items():
-        if old.get(key) != value:
-            raise SystemExit(f"--merge-from {args.merge_from}: '{key}' differs ({old.get(key)} vs {value})")
+    old = read_mergeable(args.merge_from, shared_setup(args))
     taken = sorted({r["method"] for r in old["rows"]} - set(methods))
     ind = {(r["backbone"], r["task"]): r["accuracy"] for r in rows if r["method"] == "individual"}
     for r in old["rows"]:
