@@ -262,7 +262,7 @@ def test_sequential_distills_towards_the_old_network():
     with torch.no_grad():  # the teacher is the old network: its outputs are the targets
         assert torch.equal(method._teacher(x, "t0", method._teacher.route("t0", 1)), old)
     from virtnet.data.loader import MultiTaskLoader
-    from virtnet.methods.baselines import distillation_loss
+    from virtnet.methods.common.distill import distillation_loss
 
     xb = next(MultiTaskLoader(ts, 24, 0, augment=False).iterate(0))["t1"].x  # the new task's images
     teacher = method._teacher

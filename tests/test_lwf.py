@@ -11,7 +11,7 @@ from conftest import make_taskset
 from virtnet.api import task_specs
 from virtnet.backbones.registry import BackboneConfig
 from virtnet.methods import make_method
-from virtnet.methods.baselines import as_input_of, distillation_loss
+from virtnet.methods.common.distill import as_input_of, distillation_loss
 from virtnet.train import TrainConfig, Trainer
 
 BACKBONE = BackboneConfig(name="resnet", depth=8, width=0.5, feature_size=8)

@@ -10,7 +10,7 @@ from virtnet.api import task_specs
 from virtnet.backbones.registry import BackboneConfig
 from virtnet.data.core import AugmentSpec
 from virtnet.methods import Phase, make_method
-from virtnet.methods.baselines import Joint
+from virtnet.methods.joint import Joint
 from virtnet.train import TrainConfig, Trainer, evaluate, lr_factor
 
 BACKBONE = BackboneConfig(name="resnet", depth=8, width=0.5, feature_size=8)

@@ -1,14 +1,12 @@
-"""Deep Virtual Networks (Kim et al., CVPR 2019), with NestedNet and grouped PackNet on the same units."""
+"""Deep Virtual Networks (Kim et al., CVPR 2019)."""
 
-from virtnet.methods.dvn.method import DVN, DVNConfig, GroupedPackNet, NestedNet
-from virtnet.methods.dvn.model import VirtualNet, level_key
-from virtnet.methods.dvn.units import check_order, level_added, level_units, rule_order, rule_orders
+from virtnet.methods.common.units import check_order, level_added, level_units, rule_order, rule_orders
+from virtnet.methods.common.virtual import VirtualNet, level_key
+from virtnet.methods.dvn.method import DVN, DVNConfig
 
 __all__ = [
     "DVN",
     "DVNConfig",
-    "GroupedPackNet",
-    "NestedNet",
     "VirtualNet",
     "check_order",
     "level_added",

@@ -72,7 +72,7 @@ class PackNet(Method):
             shared = len({(s.in_channels, s.input_size) for s in specs}) == 1
         net = build_multitask(backbone, specs, shared_stem=shared)
         if self.config.init_from:
-            from virtnet.methods.baselines.methods import load_matching
+            from virtnet.methods.common.loading import load_matching
 
             load_matching(net, self.config.init_from)
         return PackNetModel.from_multitask(

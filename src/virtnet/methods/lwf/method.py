@@ -9,7 +9,8 @@ where L_D is Hinton's temperature-scaled cross-entropy (T = 2 in LwF): the old t
 new task's images are kept while the shared trunk learns the new task. LwF first warms up the new head
 alone (shared and old parameters frozen), then trains everything jointly.
 
-Deep Virtual Networks (Sec. 3.3) reuse the same loss per (task, level); LwF is its nh = 1 case.
+Deep Virtual Networks (Sec. 3.3) reuse the same loss per (task, level); LwF is its nh = 1 case. The
+loss and the teacher copy live in :mod:`virtnet.methods.common.distill`.
 
 Choices where the paper leaves room (see docs/methods/lwf.md):
 * the teacher's outputs are computed on the fly on each (augmented) batch rather than recorded once
@@ -23,49 +24,16 @@ Choices where the paper leaves room (see docs/methods/lwf.md):
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from virtnet.backbones.base import TaskSpec
 from virtnet.data.core import Batch
 from virtnet.methods.base import Phase, register, task_loss
-from virtnet.methods.baselines.methods import SequentialConfig, _Sequential
-
-
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """Hinton's modified cross-entropy: ``-mean_b sum_c softmax(t/T)_c * log_softmax(s/T)_c``.
-
-    Args:
-        student: ``(B, C)`` logits being trained.
-        teacher: ``(B, C)`` target logits (no gradient flows into them).
-        temperature: T >= 1 softens both distributions (LwF uses 2).
-    """
-    p = F.softmax(teacher.detach() / temperature, dim=1)  # (B, C)
-    return -(p * F.log_softmax(student / temperature, dim=1)).sum(dim=1).mean()
-
-
-def as_input_of(x: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
-    """``x`` resized and channel-converted to task ``spec``'s input shape (identity when it matches)."""
-    if x.shape[1] != spec.in_channels:
-        if spec.in_channels == 3 and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        else:
-            x = x.mean(dim=1, keepdim=True).expand(-1, spec.in_channels, -1, -1)
-    if x.shape[-1] != spec.input_size or x.shape[-2] != spec.input_size:
-        x = F.interpolate(x, size=(spec.input_size, spec.input_size), mode="bilinear", align_corners=False)
-    return x
-
-
-def set_bn_eval(module: nn.Module) -> None:
-    """Put every batch norm under ``module`` in eval mode (running statistics stop moving)."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+from virtnet.methods.common.distill import as_input_of, distillation_loss, frozen_copy, set_bn_eval
+from virtnet.methods.common.sequential import SequentialConfig, SequentialMethod
 
 
 class LwFConfig(SequentialConfig):
@@ -76,7 +44,7 @@ class LwFConfig(SequentialConfig):
 
 
 @register
-class LwF(_Sequential):
+class LwF(SequentialMethod):
     """Learning without Forgetting on a shared trunk with a stem and head per task."""
 
     name = "lwf"
@@ -104,10 +72,7 @@ class LwF(_Sequential):
     def on_phase_start(self, model: nn.Module, phase: Phase) -> None:
         self._teacher = None
         if phase.info["learned"] and not phase.info.get("warmup"):
-            teacher = copy.deepcopy(model).eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-            self._teacher = teacher
+            self._teacher = frozen_copy(model)
 
     def param_groups(self, model: nn.Module, phase: Phase) -> list[dict[str, Any]]:
         task = phase.tasks[0]

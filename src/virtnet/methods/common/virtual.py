@@ -18,7 +18,7 @@ from torch import nn
 
 from virtnet.backbones.base import MultiTaskNet, TaskNet
 from virtnet.errors import BudgetError
-from virtnet.methods.dvn.units import check_order, level_units
+from virtnet.methods.common.units import check_order, level_units
 from virtnet.nn import Linear, Route, call, make_switchable
 from virtnet.nn.units import UnitPartition
 

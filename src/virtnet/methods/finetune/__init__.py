@@ -1,0 +1,5 @@
+"""Sequential fine-tuning."""
+
+from virtnet.methods.finetune.method import FineTune
+
+__all__ = ["FineTune"]

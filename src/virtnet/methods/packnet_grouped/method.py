@@ -1,0 +1,89 @@
+"""Grouped PackNet ("PackNet+" in Deep Virtual Networks' Sec. 4.3): nested channel groups (units) of one
+order, learned one task after another; task i uses groups 1..i and learning it trains only the
+parameters that are new at its level, so earlier tasks are unchanged bit for bit."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from virtnet.backbones.base import TaskSpec
+from virtnet.data.core import Batch
+from virtnet.errors import ConfigError
+from virtnet.methods.base import Phase, register, task_loss
+from virtnet.methods.common.unit_method import UnitMethod, UnitsConfig
+from virtnet.nn.layers import _Sliced
+
+
+class GroupedPackNetConfig(UnitsConfig):
+    """``method:`` options of ``packnet-grouped``."""
+
+    # num_units: the groups (default: the number of tasks); unit_ratios: their relative sizes
+
+
+@register
+class GroupedPackNet(UnitMethod):
+    """Grouped PackNet ("PackNet+"): task i uses channel groups 1..i, learned in sequence; learning task i
+    trains only the parameters new at its level, so earlier tasks are unchanged bit for bit."""
+
+    name = "packnet-grouped"
+    Config = GroupedPackNetConfig
+    sequential = True
+
+    def __init__(self, config: GroupedPackNetConfig | None = None) -> None:
+        super().__init__(config)
+        self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def num_units(self, specs: list[TaskSpec]) -> int:
+        k = self.config.num_units or len(specs)
+        if k < len(specs):
+            raise ConfigError(
+                f"method.num_units: {len(specs)} tasks need at least {len(specs)} groups, not {k}"
+            )
+        return k
+
+    def orders(self, specs: list[TaskSpec], k: int) -> list[list[int]]:
+        return [list(range(k)) for _ in specs]
+
+    def offered(self, specs: list[TaskSpec], k: int) -> dict[str, list[int]]:
+        n = len(specs)
+        return {s.name: [max(1, round((i + 1) * k / n))] for i, s in enumerate(specs)}
+
+    def phases(self, tasks: list[str]) -> list[Phase]:
+        return [Phase(f"task-{t}", [t], i, {"learned": tasks[:i]}) for i, t in enumerate(tasks)]
+
+    def on_phase_start(self, model: nn.Module, phase: Phase) -> None:
+        """Freeze the weight blocks of the previous task's level (all earlier levels are inside it)."""
+        self._frozen = []
+        if not phase.info["learned"]:
+            return
+        prev = phase.info["learned"][-1]
+        units = model.route(prev).units or ()
+        for m in model.trunk.modules():
+            if not isinstance(m, _Sliced):
+                continue
+            w: torch.Tensor = m.weight  # type: ignore[attr-defined]
+            out_in = torch.zeros(w.shape[0], dtype=torch.bool)
+            in_in = torch.zeros(w.shape[1], dtype=torch.bool)
+            if m.out_partition is not None:
+                out_in[m.out_partition.indices(units)] = True
+            if m.in_partition is not None:
+                in_in[m.in_partition.indices(units)] = True
+            mask = (out_in[:, None] & in_in[None, :]).reshape(w.shape[:2] + (1,) * (w.dim() - 2)).expand_as(w)
+            self._frozen.append((w, mask, w.detach().clone()))
+            b = getattr(m, "bias", None)
+            if b is not None:
+                self._frozen.append((b, out_in, b.detach().clone()))
+
+    def training_step(
+        self, model: nn.Module, batches: dict[str, Batch], phase: Phase
+    ) -> dict[str, torch.Tensor]:
+        ((task, b),) = batches.items()
+        loss = task_loss(model(b.x, task, model.route(task)), b)
+        return {"loss": loss, f"loss/{task}": loss.detach()}
+
+    def after_step(self, model: nn.Module, phase: Phase) -> None:
+        """Put the frozen entries back: momentum and weight decay must not move them (PITFALLS.md)."""
+        with torch.no_grad():
+            for p, mask, saved in self._frozen:
+                p.copy_(torch.where(mask, saved, p))
