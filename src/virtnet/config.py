@@ -19,48 +19,13 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from virtnet.errors import ConfigError
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def _loc(loc: tuple[Any, ...]) -> str:
-    parts: list[str] = []
-    for p in loc:
-        if isinstance(p, int):
-            parts.append(f"[{p}]")
-        else:
-            parts.append(("." if parts else "") + str(p))
-    return "".join(parts)
-
-
-def format_validation_error(err: ValidationError, where: str = "") -> str:
-    """One line naming the first offending key and what is wrong with it."""
-    e = err.errors()[0]
-    key = _loc(tuple(e.get("loc", ())))
-    if where:
-        key = f"{where}.{key}" if key else where
-    msg = e.get("msg", "invalid value")
-    if e.get("type") == "extra_forbidden":
-        msg = "unknown key"
-    elif e.get("type") == "missing":
-        msg = "required key is missing"
-    more = f" (and {len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
-    return f"{key}: {msg}{more}" if key else f"{msg}{more}"
-
-
-def validate(model: type[M], data: Any, where: str = "", source: str = "") -> M:
-    """Validate ``data`` against the pydantic ``model``; errors become a one-line ConfigError."""
-    try:
-        return model.model_validate(data if data is not None else {})
-    except ValidationError as err:
-        prefix = f"{source}: " if source else ""
-        raise ConfigError(prefix + format_validation_error(err, where)) from None
+from virtnet.schema import Strict, _loc, format_validation_error, validate  # noqa: F401 (re-exported)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -86,12 +51,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data
-
-
-class Strict(BaseModel):
-    """Base of config sections: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class MethodSection(BaseModel):
