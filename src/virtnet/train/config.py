@@ -36,6 +36,9 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(default=1, ge=0)  # epochs between checkpoints (0: only at the end)
     checkpoint_every_steps: int = Field(default=0, ge=0)  # additionally every N steps (0: off)
     max_steps_per_epoch: int | None = Field(default=None, ge=1)  # cap (quick runs and tests)
+    # where the model trains: "cpu" or "cuda" (refused when no CUDA device is visible); under torchrun
+    # each process uses cuda:LOCAL_RANK. See README "Multi-process and multi-machine training".
+    device: Literal["cpu", "cuda"] = "cpu"
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
