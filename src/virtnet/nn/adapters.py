@@ -34,7 +34,8 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from virtnet.errors import ConfigError, TaskError
-from virtnet.nn.layers import Routed, call
+from virtnet.nn.layers import call
+from virtnet.nn.protocol import RoutedLayer
 from virtnet.nn.units import Route
 
 KINDS = ("parallel", "series")
@@ -283,6 +284,17 @@ class AdapterBank(nn.Module):
             return [self.betas[domain], self.gammas[domain]]
         return [self.alphas[domain]]
 
+    def used(self, domain: str) -> dict[str, torch.Tensor]:
+        """Bool masks (all True) of the tensors ``alpha(domain)`` reads, by name in this bank: ``alphas.t``
+        before compression, the factors (``beta`` or ``betas.t``, and ``gammas.t``) after."""
+        self._check(domain)
+        if self.rank is not None and bool(self.compressed):
+            names = ["beta" if self.shared else f"betas.{domain}", f"gammas.{domain}"]
+        else:
+            names = [f"alphas.{domain}"]
+        params = dict(self.named_parameters())
+        return {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
+
     def domain_count(self, domain: str) -> int:
         """Parameters a deployed bank stores for ``domain`` alone (the form in use)."""
         return sum(p.numel() for p in self.trainable(domain))
@@ -299,7 +311,7 @@ class AdapterBank(nn.Module):
 
 
 # ---- route-aware layers (virtnet backbones) ------------------------------------------------------------
-class DomainBatchNorm(nn.Module, Routed):
+class DomainBatchNorm(nn.Module, RoutedLayer):
     """One batch norm per domain (copies of ``template``, keyed by domain); ``route.task`` picks it.
 
     Args:
@@ -315,6 +327,19 @@ class DomainBatchNorm(nn.Module, Routed):
         if domain not in self.norms:
             raise _no_domain(domain, self.norms.keys())
         return self.norms[domain]
+
+    # the routed-layer protocol: the domain's own batch norm alone
+    def plain(self, route: Route | None) -> nn.Module:
+        """A copy of the domain's batch norm."""
+        return copy.deepcopy(self.norm(domain_of(route)))
+
+    def usage(self, route: Route | None) -> dict[str, torch.Tensor]:
+        return {}
+
+    def delegates(self, route: Route | None) -> list[str]:
+        domain = domain_of(route)
+        self.norm(domain)
+        return [f"norms.{domain}"]
 
     def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         bn = self._modules["norms"]._modules.get(domain_of(route))  # type: ignore[union-attr]
@@ -405,7 +430,7 @@ def set_fold_cache(module: nn.Module, enabled: bool) -> None:
             m.fold_cache.clear()
 
 
-class ParallelAdapterConv2d(nn.Module, Routed):
+class ParallelAdapterConv2d(nn.Module, RoutedLayer):
     """A universal convolution with a parallel adapter per domain: ``y = f * x + diag_1(alpha_t) * x``.
 
     Two computations, equal up to float rounding: ``"fold"`` runs one convolution with ``f + diag_L(alpha_t)``
@@ -474,6 +499,16 @@ class ParallelAdapterConv2d(nn.Module, Routed):
             fused.bias.copy_(conv.bias)
         return fused
 
+    # the routed-layer protocol: the universal convolution and the domain's adapter; plain = the fusion
+    def plain(self, route: Route | None) -> nn.Module:
+        return self.fuse(domain_of(route)).train(self.training)
+
+    def usage(self, route: Route | None) -> dict[str, torch.Tensor]:
+        return {f"adapter.{n}": m for n, m in self.adapter.used(domain_of(route)).items()}
+
+    def delegates(self, route: Route | None) -> list[str]:
+        return ["conv"]
+
     @torch.no_grad()
     def unfuse(self, fused: nn.Conv2d, domain: str) -> None:
         """Take ``domain``'s adapter out of a fused convolution into this layer (full-rank form)."""
@@ -482,7 +517,7 @@ class ParallelAdapterConv2d(nn.Module, Routed):
         self.adapter.alphas[domain].copy_(alpha)
 
 
-class SeriesAdapterConv2d(nn.Module, Routed):
+class SeriesAdapterConv2d(nn.Module, RoutedLayer):
     """A universal convolution followed by a series adapter per domain:
     ``z = f * x``, ``y = z + diag_1(alpha_t) * BN_t(z)`` with the adapter's own batch norm ``BN_t``
     (the block's batch norm follows, as in Fig. 2a). Dropout (training only) applies to the adapter's input.
@@ -552,6 +587,20 @@ class SeriesAdapterConv2d(nn.Module, Routed):
         fused.weight.copy_(g)
         fused.bias.copy_(d)
         return fused
+
+    # the routed-layer protocol: the universal convolution, the domain's adapter and its batch norm;
+    # plain = the fusion (with its bias: absorbing it into the next batch norm is fuse_module's business)
+    def plain(self, route: Route | None) -> nn.Module:
+        return self.fuse(domain_of(route)).train(self.training)
+
+    def usage(self, route: Route | None) -> dict[str, torch.Tensor]:
+        return {f"adapter.{n}": m for n, m in self.adapter.used(domain_of(route)).items()}
+
+    def delegates(self, route: Route | None) -> list[str]:
+        domain = domain_of(route)
+        if domain not in self.norms:
+            raise _no_domain(domain, self.norms.keys())
+        return ["conv", f"norms.{domain}"]
 
 
 AdapterConv = (ParallelAdapterConv2d, SeriesAdapterConv2d)

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from virtnet.errors import TaskError
-from virtnet.nn.layers import Routed, _RoutedBatchNorm
+from virtnet.nn.layers import _RoutedBatchNorm, sliced_batch_norm
+from virtnet.nn.protocol import RoutedLayer
 from virtnet.nn.units import Route, UnitPartition
 
 
-class SwitchableBatchNorm(nn.Module, Routed):
+class SwitchableBatchNorm(nn.Module, RoutedLayer):
     """A batch norm per configuration key, each over that configuration's channels.
 
     Args:
@@ -75,10 +76,26 @@ class SwitchableBatchNorm(nn.Module, Routed):
             raise TaskError(f"no normalisation for configuration '{key}' (have {list(self.norms)})")
         return self.norms[key]
 
-    def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
+    def _key(self, route: Route | None) -> str:
         if route is None or not route.key:
             raise TaskError("a switchable batch norm needs a route naming its (task, level) configuration")
-        return self.norm(route.key)(x)
+        return route.key
+
+    def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
+        return self.norm(self._key(route))(x)
+
+    # ---- the routed-layer protocol: the route's private batch norm alone -------------------------------
+    def plain(self, route: Route | None) -> nn.Module:
+        """A copy of the route's private batch norm."""
+        return sliced_batch_norm(self.norm(self._key(route)), None)  # type: ignore[arg-type]
+
+    def usage(self, route: Route | None) -> dict[str, torch.Tensor]:
+        return {}
+
+    def delegates(self, route: Route | None) -> list[str]:
+        key = self._key(route)
+        self.norm(key)
+        return [f"norms.{key}"]
 
 
 def make_switchable(module: nn.Module, units: Mapping[str, tuple[int, ...] | None]) -> int:

@@ -10,12 +10,27 @@ The route is an argument of every ``forward``, never a global or a module attrib
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from virtnet.errors import ConfigError
+
+Selection = tuple[int, ...] | None
+"""A unit selection: sorted unit ids, ``None`` for every channel, ``()`` for none (a skipped block)."""
+
+
+def _selection(units: Sequence[int] | None, what: str) -> Selection:
+    if units is None:
+        return None
+    sel = tuple(sorted(int(u) for u in units))
+    if len(set(sel)) != len(sel):
+        raise ConfigError(f"{what}: repeated unit in {tuple(units)}")
+    return sel
 
 
 @dataclass(frozen=True)
@@ -24,21 +39,118 @@ class Route:
 
     Attributes:
         task: the task's name.
-        units: sorted ids of the active units, or None for every channel (the dense network).
+        units: sorted ids of the active units, or None for every channel (the dense network): the default
+            selection of every routed layer and block.
         key: name of the (task, level) configuration, e.g. ``"mnist/2"``; selects private normalisation
             layers and heads where a method has them. Empty when the method has none.
+        layers: per-slot selections overriding ``units``: ``((slot, selection), ...)`` sorted by slot name.
+            A *slot* is a stable name a routed layer side or a block carries (``in_slot`` / ``out_slot`` of
+            :class:`~virtnet.nn.Conv2d` and :class:`~virtnet.nn.Linear`, ``slot`` of a batch norm or a
+            :class:`~virtnet.nn.RoutedBlock`), e.g. set from module paths by :func:`virtnet.nn.name_slots`.
+            For a residual block the slot's selection picks its inner channels; an empty selection ``()``
+            skips the block (Deep Elastic Networks' per-block levels). A mapping is accepted and stored
+            sorted.
+        instance: an optional per-instance selection, e.g. a ``(B, n_blocks)`` long tensor of levels for
+            a method that picks a structure per input and groups a batch by it. Layers ignore it; it is the
+            only tensor of a route and takes no part in equality or hashing.
+
+    A route is immutable, hashable (its non-tensor part) and a pytree (leaves: ``instance``; context: the
+    rest), so ``torch.export.export(model, (x, route))`` and ``torch.compile`` accept it as an argument.
     """
 
     task: str
     units: tuple[int, ...] | None = None
     key: str = ""
+    layers: tuple[tuple[str, tuple[int, ...] | None], ...] = ()
+    instance: torch.Tensor | None = field(default=None, compare=False, hash=False)
+    _by_slot: dict[str, Selection] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
-        if self.units is not None:
-            units = tuple(sorted(int(u) for u in self.units))
-            if len(set(units)) != len(units):
-                raise ConfigError(f"route for task '{self.task}': repeated unit in {self.units}")
-            object.__setattr__(self, "units", units)
+        object.__setattr__(self, "units", _selection(self.units, f"route for task '{self.task}'"))
+        items = self.layers.items() if isinstance(self.layers, Mapping) else self.layers
+        layers = []
+        for entry in items:
+            if len(entry) != 2 or not isinstance(entry[0], str):
+                raise ConfigError(
+                    f"route for task '{self.task}': layers entry {entry!r} is not (slot, units)"
+                )
+            layers.append(
+                (entry[0], _selection(entry[1], f"route for task '{self.task}', slot '{entry[0]}'"))
+            )
+        layers.sort(key=lambda e: e[0])
+        names = [n for n, _ in layers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"route for task '{self.task}': a slot is named twice in {names}")
+        object.__setattr__(self, "layers", tuple(layers))
+        object.__setattr__(self, "_by_slot", dict(layers))
+        if self.instance is not None and not isinstance(self.instance, torch.Tensor):
+            raise ConfigError(f"route for task '{self.task}': instance must be a tensor or None")
+
+    def select(self, slot: str | None) -> Selection:
+        """The selection of ``slot``: its own entry in ``layers``, else ``units`` (None: ``units``)."""
+        if slot is None or not self._by_slot:
+            return self.units
+        return self._by_slot.get(slot, self.units)
+
+    def skips(self, slot: str | None) -> bool:
+        """True when ``slot`` is selected empty (a block this route skips)."""
+        sel = self.select(slot)
+        return sel is not None and len(sel) == 0
+
+    def replace(self, **changes: Any) -> Route:
+        """A copy with some fields changed (e.g. ``route.replace(layers={"blocks.2": ()})``)."""
+        return dataclasses.replace(self, **changes)
+
+    def static(self) -> Route:
+        """This route without its per-instance selection."""
+        return self if self.instance is None else dataclasses.replace(self, instance=None)
+
+
+def _route_flatten(r: Route) -> tuple[list[Any], tuple[Any, ...]]:
+    return [r.instance], (r.task, r.units, r.key, r.layers)
+
+
+def _route_flatten_with_keys(r: Route) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
+    return [(pytree.GetAttrKey("instance"), r.instance)], (r.task, r.units, r.key, r.layers)
+
+
+def _route_unflatten(children: Iterable[Any], context: tuple[Any, ...]) -> Route:
+    (instance,) = list(children)
+    task, units, key, layers = context
+    return Route(task, units, key, layers, instance)
+
+
+def _route_context_to_json(context: tuple[Any, ...]) -> Any:
+    task, units, key, layers = context
+    return [
+        task,
+        None if units is None else list(units),
+        key,
+        [[n, None if u is None else list(u)] for n, u in layers],
+    ]
+
+
+def _route_context_from_json(d: Any) -> tuple[Any, ...]:
+    task, units, key, layers = d
+    return (
+        task,
+        None if units is None else tuple(units),
+        key,
+        tuple((n, None if u is None else tuple(u)) for n, u in layers),
+    )
+
+
+pytree.register_pytree_node(
+    Route,
+    _route_flatten,
+    _route_unflatten,
+    serialized_type_name="virtnet.nn.Route",
+    to_dumpable_context=_route_context_to_json,
+    from_dumpable_context=_route_context_from_json,
+    flatten_with_keys_fn=_route_flatten_with_keys,
+)
 
 
 class UnitPartition:
@@ -104,13 +216,23 @@ class UnitPartition:
             # a normal tensor even when first asked for under inference_mode (evaluation): an inference
             # tensor cached here would break every later training step that indexes with it
             with torch.inference_mode(False):
-                idx = torch.cat([torch.arange(self.offsets[u], self.offsets[u] + self.sizes[u]) for u in key])
+                parts = [torch.arange(self.offsets[u], self.offsets[u] + self.sizes[u]) for u in key]
+                idx = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
             self._cache[key] = idx
         return idx
 
     def covers_all(self, units: Sequence[int] | None) -> bool:
         """True when ``units`` select every channel."""
         return units is None or len(set(units)) == self.num_units
+
+    def mask(self, units: Sequence[int] | None) -> torch.Tensor:
+        """Bool tensor ``(channels,)``: True on the channels of ``units`` (every channel for None)."""
+        m = torch.ones(self.channels, dtype=torch.bool)
+        if not self.covers_all(units):
+            assert units is not None
+            m = torch.zeros_like(m)
+            m[self.indices(units)] = True
+        return m
 
     def __repr__(self) -> str:
         return f"UnitPartition(sizes={list(self.sizes)})"
