@@ -149,12 +149,10 @@ class _Sliced(RoutedLayer):
 
 
 def _is_fake(t: torch.Tensor) -> bool:
-    """A tensor without real storage (traced by torch.export / torch.compile, or on the meta device)."""
-    if t.device.type == "meta":
-        return True
-    from torch._subclasses.fake_tensor import FakeTensor
+    """A tensor without real data (traced by torch.export / torch.compile, or on the meta device)."""
+    from torch._subclasses.fake_tensor import is_fake
 
-    return isinstance(t, FakeTensor) or torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return t.device.type == "meta" or is_fake(t)
 
 
 def _copy_into(new: nn.Module, w: torch.Tensor, b: torch.Tensor | None, like: nn.Module) -> nn.Module:

@@ -153,6 +153,13 @@ pytree.register_pytree_node(
 )
 
 
+def _traced(t: torch.Tensor) -> bool:
+    """A tensor without real data: made under a fake mode (torch.export, torch.compile) or on meta."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
+
+
 class UnitPartition:
     """The split of one layer's ``channels`` into consecutive, disjoint units.
 
@@ -218,7 +225,8 @@ class UnitPartition:
             with torch.inference_mode(False):
                 parts = [torch.arange(self.offsets[u], self.offsets[u] + self.sizes[u]) for u in key]
                 idx = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-            self._cache[key] = idx
+            if not _traced(idx):  # made while torch.export / torch.compile trace: valid in that trace only
+                self._cache[key] = idx
         return idx
 
     def covers_all(self, units: Sequence[int] | None) -> bool:
