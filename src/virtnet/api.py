@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from virtnet.backbones.base import TaskSpec
 from virtnet.config import RunConfig, read_config_file
 from virtnet.data.config import DataConfig, build_taskset
 from virtnet.data.core import TaskSet
-from virtnet.errors import ConfigError, DataError
+from virtnet.errors import CheckpointError, ConfigError, DataError
 from virtnet.methods.base import Method, make_method
 from virtnet.train.checkpoint import load_checkpoint, load_model_state
 from virtnet.train.evaluate import evaluate
@@ -29,14 +30,29 @@ from virtnet.train.loop import Trainer
 
 
 def task_specs(taskset: TaskSet) -> list[TaskSpec]:
-    """One :class:`TaskSpec` per task of ``taskset`` (inputs must be square)."""
+    """One :class:`TaskSpec` per task of ``taskset``, with its input normalisation (inputs must be
+    square)."""
     specs = []
     for t in taskset:
         c, h, w = t.input_shape
         if h != w:
             raise DataError(f"task '{t.name}': inputs must be square, got {h}x{w}")
-        specs.append(TaskSpec(t.name, c, h, t.num_outputs))
+        specs.append(TaskSpec(t.name, c, h, t.num_outputs, tuple(t.mean), tuple(t.std)))
     return specs
+
+
+def normalised_as(taskset: TaskSet, specs: list[TaskSpec]) -> TaskSet:
+    """``taskset`` with each task normalised as the model's spec says (the statistics the model was
+    trained with, whatever data the task set was rebuilt from); tasks whose spec records none keep
+    theirs."""
+    by = {s.name: s for s in specs}
+    tasks = []
+    for t in taskset:
+        s = by.get(t.name)
+        if s is not None and s.mean and (tuple(t.mean), tuple(t.std)) != (s.mean, s.std):
+            t = dataclasses.replace(t, mean=s.mean, std=s.std)
+        tasks.append(t)
+    return TaskSet(tasks, taskset.name)
 
 
 def _as_config(config: RunConfig | dict[str, Any] | str | Path) -> RunConfig:
@@ -47,11 +63,14 @@ def _as_config(config: RunConfig | dict[str, Any] | str | Path) -> RunConfig:
     return RunConfig.load(config)
 
 
-def build(cfg: RunConfig, specs: list[TaskSpec]) -> tuple[Method, nn.Module]:
-    """The method and its freshly initialised model (seeded with ``cfg.seed``)."""
+def build(
+    cfg: RunConfig, specs: list[TaskSpec], structure: dict[str, Any] | None = None
+) -> tuple[Method, nn.Module]:
+    """The method and its model, freshly initialised (seeded with ``cfg.seed``); with ``structure`` (a
+    saved :meth:`MultiTaskModel.structure`) exactly the model it describes, ready for its weights."""
     method = make_method(cfg.method.name, cfg.method.options())
     torch.manual_seed(cfg.seed)
-    model = method.build(specs, cfg.model)
+    model = method.create(specs, cfg.model, structure)
     return method, model
 
 
@@ -73,7 +92,7 @@ def run_meta(cfg: RunConfig, specs: list[TaskSpec], taskset: TaskSet) -> dict[st
     return {
         "config": cfg.to_dict(),
         "method": cfg.method.name,
-        "tasks": [vars(s) for s in specs],
+        "tasks": [s.to_dict() for s in specs],
         "task_info": taskset.describe(),
         "class_names": {t.name: list(t.class_names) for t in taskset},
     }
@@ -135,28 +154,32 @@ class Loaded:
         return RunConfig.from_dict(self.meta["config"])
 
     def taskset(self, data_root: str | None = None) -> TaskSet:
-        """Rebuild the run's task set (reads the data; ``data_root`` overrides the config's)."""
+        """Rebuild the run's task set (reads the data; ``data_root`` overrides the config's), normalised
+        with the statistics stored in the model (:func:`normalised_as`)."""
         cfg = self.config
         data: DataConfig = cfg.data
         if data_root is not None:
             data = data.model_copy(update={"root": data_root})
-        return build_taskset(data, cfg.seed)
+        return normalised_as(build_taskset(data, cfg.seed), self.specs)
 
 
 def load(path: str | Path) -> Loaded:
-    """Load a checkpoint (``model.json``, ``checkpoints/last.json``, or either file of a pair)."""
+    """Load a checkpoint (``model.json``, ``checkpoints/last.json``, either file of a pair, or a run
+    folder). The model is rebuilt from the config, the task specs and the saved structure, then its
+    weights are loaded: no training phase is replayed."""
     ck = load_checkpoint(path)
     meta = ck.meta
     if "config" not in meta or "tasks" not in meta:
         raise ConfigError(f"{ck.path}: checkpoint has no run config or task list")
     cfg = RunConfig.from_dict(meta["config"], source=str(ck.path))
-    specs = [TaskSpec(**s) for s in meta["tasks"]]
-    method, model = build(cfg, specs)
-    # state a method creates at phase boundaries must exist before loading
-    phase_index = int(meta.get("state", {}).get("phase", 0))
-    phases = method.phases([s.name for s in specs])
-    for ph in phases[: min(phase_index + 1, len(phases))]:
-        method.on_phase_start(model, ph)
+    specs = [TaskSpec.from_dict(s) for s in meta["tasks"]]
+    structure = meta.get("structure")
+    if structure is None:
+        raise CheckpointError(f"{ck.path}: structure: missing (saved by a virtnet before the model protocol)")
+    try:
+        method, model = build(cfg, specs, structure)
+    except CheckpointError as e:
+        raise CheckpointError(f"{ck.path}: {e}") from None
     load_model_state(model, ck.model_state, str(ck.path))
     model.eval()
     return Loaded(method, model, meta, specs, Path(ck.path))
@@ -165,7 +188,8 @@ def load(path: str | Path) -> Loaded:
 def evaluate_model(
     loaded: Loaded, taskset: TaskSet, split: str = "test", levels: str | list[int] = "all"
 ) -> list[dict[str, Any]]:
-    """Accuracy per (task, level) of a loaded model."""
+    """Accuracy per (task, level) of a loaded model, its inputs normalised as the model was trained."""
+    taskset = normalised_as(taskset, loaded.specs)
     return evaluate(loaded.method, loaded.model, taskset, split=split, levels=levels)
 
 
@@ -330,51 +354,73 @@ def shared_budget(
 
 # ---- export -------------------------------------------------------------------------------------------
 EXPORT_FORMAT = "virtnet-export"
+EXPORT_VERSION = 2
 
 
 def export_network(loaded: Loaded, task: str, level: int, path: str | Path) -> Path:
     """Write (task, level)'s standalone network as ``<path>.safetensors`` + ``<path>.json``.
 
-    The JSON holds the run's config and task specs (to rebuild the structure), the task, level and units,
-    and per layer the shapes kept; the tensor file holds only the exported network's weights.
+    The JSON describes the network fully — its module tree (:func:`virtnet.export.network.describe`),
+    the task's spec with its input normalisation, the level, where it came from — so
+    :func:`load_exported` rebuilds it with no config, method or training code; the tensor file holds only
+    the exported network's weights.
     """
-    from virtnet.train.checkpoint import save_checkpoint
+    from virtnet.export.network import describe
+    from virtnet.storage import write_pair
 
     net = loaded.method.export(loaded.model, task, level)
     lv = loaded.method.level(loaded.model, task, level)
-    shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
+    spec = loaded.model.spec(task)  # type: ignore[operator]
     meta = {
-        "export_format": EXPORT_FORMAT,
-        "config": loaded.meta["config"],
-        "tasks": loaded.meta["tasks"],
-        "state": loaded.meta.get("state"),
-        "method": loaded.meta.get("method"),
-        "task": task,
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "task": spec.to_dict(),
         "level": lv.index,
         "level_name": lv.name,
-        "units": None if lv.route is None or lv.route.units is None else list(lv.route.units),
-        "shapes": shapes,
+        "method": loaded.meta.get("method"),
+        "network": describe(net),
+        "parameters": sum(p.numel() for p in net.parameters()),
         "source": str(loaded.path),
     }
-    return save_checkpoint(path, net.state_dict(), meta)
+    return write_pair(path, dict(net.state_dict()), meta)
+
+
+@dataclass
+class Exported:
+    """A network read by :func:`read_exported`: the module, its task's spec and level."""
+
+    network: nn.Module
+    spec: TaskSpec
+    level: int
+    meta: dict[str, Any]
+    path: Path
+
+
+def read_exported(path: str | Path) -> Exported:
+    """Read an exported network's files (checked: format, version, sha256, the tensors against the
+    description) and rebuild it in eval mode."""
+    from safetensors.torch import load_file
+
+    from virtnet.export.network import rebuild
+    from virtnet.storage import read_pair_meta
+
+    tpath, jpath, meta = read_pair_meta(path, EXPORT_FORMAT, EXPORT_VERSION, "exported virtnet network")
+    for key in ("task", "level", "network"):
+        if key not in meta:
+            raise CheckpointError(f"{jpath}: {key}: required key is missing")
+    try:
+        spec = TaskSpec.from_dict(meta["task"])
+    except (KeyError, TypeError, ValueError, DataError) as e:
+        raise CheckpointError(f"{jpath}: task: {e}") from None
+    net = rebuild(meta["network"], where=f"{jpath}: network")
+    try:
+        state = load_file(str(tpath))
+    except Exception as e:  # noqa: BLE001 (safetensors raises several types)
+        raise CheckpointError(f"{tpath}: unreadable safetensors file: {e}") from None
+    load_model_state(net, state, str(tpath))
+    return Exported(net.eval(), spec, int(meta["level"]), meta, Path(jpath))
 
 
 def load_exported(path: str | Path) -> nn.Module:
-    """Rebuild an exported network from :func:`export_network`'s files (eval mode)."""
-    from virtnet.train.checkpoint import load_checkpoint, load_model_state
-
-    ck = load_checkpoint(path)
-    meta = ck.meta
-    if meta.get("export_format") != EXPORT_FORMAT:
-        raise ConfigError(f"{ck.path}: not an exported network (made by 'virtnet export')")
-    cfg = RunConfig.from_dict(meta["config"], source=str(ck.path))
-    specs = [TaskSpec(**s) for s in meta["tasks"]]
-    method, model = build(cfg, specs)
-    phases = method.phases([s.name for s in specs])
-    for ph in phases[: min(int((meta.get("state") or {}).get("phase", 0)) + 1, len(phases))]:
-        method.on_phase_start(model, ph)
-    if hasattr(model, "active_units") and meta.get("units") is not None:
-        model.active_units.fill_(max(int(model.active_units), max(meta["units"]) + 1))
-    net = method.export(model, meta["task"], int(meta["level"]))
-    load_model_state(net, ck.model_state, str(ck.path))
-    return net.eval()
+    """The network of an exported file pair (eval mode); see :func:`read_exported`."""
+    return read_exported(path).network

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from virtnet.errors import DataError, TaskError
+from virtnet.errors import CheckpointError, DataError, TaskError
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,25 @@ class MultiTaskModel(abc.ABC):
         """What a rebuild needs beyond the build options (JSON-serialisable; empty when nothing)."""
         return {}
 
+    def apply_structure(self, structure: Mapping[str, Any]) -> None:
+        """Make this freshly built model the one ``structure`` describes (what :meth:`structure` returned
+        when it was saved). The default accepts only the structure the model already has; models whose
+        structure changes during training override it. CheckpointError when the structure cannot be
+        applied."""
+        check_structure(structure, self.structure())
+
+
+def check_structure(saved: Mapping[str, Any], built: Mapping[str, Any]) -> None:
+    """CheckpointError naming the keys where a saved structure differs from the built model's."""
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"structure: expected a mapping, got {type(saved).__name__}")
+    keys = sorted(str(k) for k in set(built) | set(saved) if built.get(k) != saved.get(k))
+    if keys:
+        shown = "; ".join(f"{k}: saved {saved.get(k)!r}, built {built.get(k)!r}" for k in keys)
+        if len(shown) > 300:
+            shown = shown[:300] + "..."
+        raise CheckpointError(f"structure: the saved structure does not match the model's ({shown})")
+
 
 def usage_count(masks: Mapping[str, torch.Tensor]) -> int:
     """Number of elements selected by ``masks``."""
@@ -182,4 +201,4 @@ def union_usage(usages: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch
     return out
 
 
-__all__ = ["MultiTaskModel", "TaskSpec", "check_input_shape", "union_usage", "usage_count"]
+__all__ = ["MultiTaskModel", "TaskSpec", "check_input_shape", "check_structure", "union_usage", "usage_count"]

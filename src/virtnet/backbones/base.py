@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from virtnet.errors import ConfigError, DataError, TaskError
+from virtnet.errors import BudgetError, ConfigError, DataError, TaskError
 from virtnet.nn import BatchNorm1d, BatchNorm2d, Conv2d, Linear, Route, Routed, UnitPartition, call
 from virtnet.nn.layers import _RoutedBatchNorm, _Sliced
+from virtnet.protocol import MultiTaskModel, TaskSpec, check_input_shape
 
 if TYPE_CHECKING:
     from virtnet.backbones.registry import BackboneConfig
@@ -35,24 +35,6 @@ Partitions = tuple[UnitPartition, UnitPartition]
 """The unit partitions of a trunk's input channels and of its output features."""
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """What the network needs to know of a task: its name, input shape and number of outputs."""
-
-    name: str
-    in_channels: int
-    input_size: int
-    num_outputs: int
-
-
-def check_input_shape(spec: TaskSpec, x: torch.Tensor, noun: str = "task") -> None:
-    """Raise DataError when ``x`` is not a ``(B, C, S, S)`` batch of ``spec``'s input shape."""
-    expected = (spec.in_channels, spec.input_size, spec.input_size)
-    if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-        raise DataError(
-            f"{noun} '{spec.name}': expected input of shape "
-            f"(B, {spec.in_channels}, {spec.input_size}, {spec.input_size}), got {tuple(x.shape)}"
-        )
 
 
 def stem_stride(input_size: int, target_size: int) -> int:
@@ -222,8 +204,9 @@ class TaskNet(nn.Module, Routed):
         return call(self.head, call(self.trunk, call(self.stem, x, route), route), route)
 
 
-class MultiTaskNet(nn.Module):
-    """A shared trunk with a stem and a linear head per task.
+class MultiTaskNet(nn.Module, MultiTaskModel):
+    """A shared trunk with a stem and a linear head per task (one level per task; the model protocol's
+    :class:`~virtnet.protocol.MultiTaskModel`).
 
     Args:
         trunk: the shared backbone.
@@ -289,9 +272,36 @@ class MultiTaskNet(nn.Module):
                 head.set_partitions(feat_part, None)
         return in_part, feat_part
 
-    def task_network(self, task: str) -> TaskNet:
+    def task_network(self, task: str, level: int | None = None) -> TaskNet:
         """The task's network, sharing (not copying) this model's modules."""
+        check_level(self, task, level)
         return TaskNet(self.stem(task), self.trunk, self.heads[task])
+
+    def parameter_usage(self, task: str, level: int | None = None) -> dict[str, torch.Tensor]:
+        return network_usage(self, self.task_network(task, level), self.route(task, level))
+
+
+def check_level(model: MultiTaskModel, task: str, level: int | None) -> None:
+    """BudgetError when ``level`` is not one of the levels ``task`` offers (None: the largest)."""
+    levels = model.levels(task)
+    if level is not None and level not in levels:
+        raise BudgetError(f"task '{task}' has levels {levels}, not {level}")
+
+
+def network_usage(model: nn.Module, network: nn.Module, route: Route | None) -> dict[str, torch.Tensor]:
+    """:meth:`MultiTaskModel.parameter_usage` of a model whose (task, level) is ``network(x, route)``
+    made of the model's own modules: the routed layers' usage masks (:func:`virtnet.nn.usage_by_param`)
+    keyed by the model's parameter names."""
+    from virtnet.nn import usage_by_param
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for pid, (_, mask) in usage_by_param(network, route).items():
+        if pid not in names:
+            raise BudgetError("a task network uses a parameter that is not its model's")
+        n = names[pid]
+        out[n] = mask if n not in out else (out[n] | mask)
+    return out
 
 
 def conv_bn(in_ch: int, out_ch: int, stride: int = 1, kernel: int = 3) -> tuple[Conv2d, BatchNorm2d]:

@@ -19,7 +19,6 @@ The current task and level are arguments, never globals.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,10 +27,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from virtnet.backbones.base import TaskSpec
 from virtnet.data.core import Batch
-from virtnet.errors import BudgetError, ConfigError, TaskError
+from virtnet.errors import BudgetError, ConfigError
 from virtnet.nn import Route
+from virtnet.protocol import MultiTaskModel, TaskSpec
 
 
 class MethodConfig(BaseModel):
@@ -83,6 +82,59 @@ def task_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (per * m).sum() / m.sum().clamp_min(1.0)
 
 
+
+# ---- for the training loop's hooks (see Method's "loop hooks" section) --------------------------------
+@dataclass
+class OptimizerSpec:
+    """One optimizer of a phase, as :meth:`Method.optimizers` declares it.
+
+    Attributes:
+        name: the optimizer's name (its state is checkpointed under it; the default optimizer is "main").
+        param_groups: as :meth:`Method.param_groups` returns them (a group may carry ``lr``,
+            ``weight_decay``, ``lr_scale``).
+        kind: ``sgd``, ``adam`` or ``adamw`` (None: ``train.optimizer``).
+        lr: base learning rate (None: the phase's ``lr``, else ``train.lr``).
+        schedule: ``constant``, ``step`` or ``cosine`` (None: the phase's, else ``train.schedule``).
+        options: other ``train:`` options for this optimizer only (``momentum``, ``nesterov``,
+            ``weight_decay``).
+    """
+
+    name: str
+    param_groups: list[dict[str, Any]]
+    kind: str | None = None
+    lr: float | None = None
+    schedule: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainContext:
+    """What :meth:`Method.on_step_end` sees of the loop, and how it asks the loop for something.
+
+    Attributes:
+        phase, epoch, step, global_step: where training stands (``step``: the step just taken, 0-based).
+        optimizers: the phase's optimizers by name (read them; do not replace them).
+        rank, world_size: this process's place among the data-parallel processes.
+    """
+
+    phase: Phase
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+    #: set by :meth:`rebuild_optimizer`: ``{new parameter name: old parameter name}`` (None: no request)
+    rebuild_request: dict[str, str] | None = None
+
+    def rebuild_optimizer(self, state_from: dict[str, str] | None = None) -> None:
+        """Ask the loop to rebuild the phase's optimizers from :meth:`Method.optimizers` after this hook
+        (the parameter set changed). Each kept parameter keeps its optimizer state (found by parameter
+        name); a parameter named in ``state_from`` (``{new name: old name}``) starts from a copy of the
+        old parameter's state; others start fresh. In data-parallel training every rank must ask alike."""
+        self.rebuild_request = dict(state_from or {})
+
+
 class Method:
     """Base class of a method. Subclasses set ``name`` and ``Config`` and implement :meth:`build`.
 
@@ -93,6 +145,11 @@ class Method:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: the class of the models :meth:`build` returns; it must implement :class:`MultiTaskModel`
+    Model: ClassVar[type] = object
+    #: True when :meth:`export` folds several stored values into one (adapters fused into kernels), so
+    #: the export stores fewer values than ``parameter_usage`` counts
+    export_fuses: ClassVar[bool] = False
     #: True when a task can be added to a trained model (sequential methods)
     sequential: ClassVar[bool] = False
 
@@ -104,6 +161,20 @@ class Method:
         """The method's model for every task of the run (``specs``) on the backbone described by
         ``backbone`` (a :class:`virtnet.backbones.registry.BackboneConfig`). Called under the run's seed."""
         raise NotImplementedError
+
+    def create(
+        self, specs: list[TaskSpec], backbone: Any, structure: dict[str, Any] | None = None
+    ) -> nn.Module:
+        """:meth:`build`, then the saved ``structure`` (a model's :meth:`MultiTaskModel.structure`)
+        applied: the model a checkpoint was saved from, rebuilt with no replay of training phases."""
+        model = self.build(specs, backbone)
+        if not isinstance(model, self.Model):
+            raise TypeError(
+                f"method '{self.name}' built a {type(model).__name__}, not its {self.Model.__name__}"
+            )
+        if structure is not None:
+            model.apply_structure(structure)  # type: ignore[attr-defined]
+        return model
 
     # ---- training ----------------------------------------------------------------------------------
     def phases(self, tasks: list[str]) -> list[Phase]:
@@ -136,11 +207,44 @@ class Method:
     def after_step(self, model: nn.Module, phase: Phase) -> None:
         """Called after every optimizer step (e.g. to restore frozen weights)."""
 
+    # ---- loop hooks: phases one at a time, several optimizers, data-parallel training --------------
+    #: False when the method's training cannot run data-parallel (the loop refuses world size > 1)
+    data_parallel: ClassVar[bool] = True
+
+    def next_phase(
+        self, tasks: list[str], done: list[Phase], history: list[dict[str, Any]]
+    ) -> Phase | None:
+        """The phase to train after ``done`` (None: training is over), decided from what training has
+        shown: ``history`` holds one record per finished epoch ``{"phase", "epoch", "global_step",
+        "train": {...mean losses of its last logged steps}, "eval": rows or None}``. The loop stores the
+        decided phases in every checkpoint, so a resumed run replays them rather than deciding again.
+        Default: the next of :meth:`phases`."""
+        planned = self.phases(tasks)
+        return planned[len(done)] if len(done) < len(planned) else None
+
+    def optimizers(self, model: nn.Module, phase: Phase) -> list[OptimizerSpec]:
+        """The phase's optimizers, each stepped at every step; parameters that none of them holds are
+        frozen (``requires_grad`` False) for the phase. Default: one, "main", over :meth:`param_groups`
+        with the ``train:`` options. A phase's ``info["optimizers"]`` (a list of names) keeps only those."""
+        return [OptimizerSpec("main", self.param_groups(model, phase))]
+
+    def on_step_end(self, model: nn.Module, phase: Phase, ctx: TrainContext) -> None:
+        """Called after :meth:`after_step` with the loop's context; e.g. grow the model and call
+        ``ctx.rebuild_optimizer(...)``. Receives the unwrapped model."""
+
+    def varying_parameters(self, phase: Phase) -> bool:
+        """True when the set of parameters a step uses changes from step to step within ``phase`` (DDP
+        then needs ``find_unused_parameters``). Steps that sample one task at a time are handled by the
+        loop; a method that e.g. samples a level per step says so here."""
+        return False
+
     # ---- inference ---------------------------------------------------------------------------------
     def levels(self, model: nn.Module, task: str) -> list[Level]:
-        """The task's levels, smallest first."""
-        _check_task(model, task)
-        return [Level(1, "full")]
+        """The task's levels, smallest first (the model's levels and routes; a single one is "full")."""
+        indices = model.levels(task)  # type: ignore[operator]
+        if len(indices) == 1:
+            return [Level(indices[0], "full", model.route(task, indices[0]))]  # type: ignore[operator]
+        return [Level(i, f"level {i}", model.route(task, i)) for i in indices]  # type: ignore[operator]
 
     def level(self, model: nn.Module, task: str, level: int | None) -> Level:
         """The task's level ``level`` (1-based; None: the largest)."""
@@ -155,15 +259,16 @@ class Method:
     def predict(self, model: nn.Module, x: torch.Tensor, task: str, level: int | None = None) -> torch.Tensor:
         """Logits of task ``task`` at ``level`` (checks the input shape)."""
         lv = self.level(model, task, level)
-        if hasattr(model, "check_input"):
-            model.check_input(x, task)
+        model.check_input(x, task)  # type: ignore[operator]
         return model(x, task, lv.route)
 
     def export(self, model: nn.Module, task: str, level: int | None = None) -> nn.Module:
         """A standalone network ``forward(x) -> logits`` for ``(task, level)``, sharing no tensor with
         ``model``. Parameter names start with ``stem.``, ``trunk.`` or ``head.``."""
-        self.level(model, task, level)
-        return copy.deepcopy(model.task_network(task)).eval()
+        from virtnet.nn import compact
+
+        lv = self.level(model, task, level)
+        return compact(model.task_network(task, lv.index), lv.route)  # type: ignore[operator]
 
     def shared_prefixes(self) -> tuple[str, ...]:
         """Prefixes of the exported parameter names that are shared between tasks (cost accounting)."""
@@ -175,12 +280,6 @@ class Method:
         return {}
 
 
-def _check_task(model: nn.Module, task: str) -> None:
-    tasks = getattr(model, "tasks", None)
-    if tasks is not None and task not in tasks:
-        raise TaskError(f"unknown task '{task}': the model has {list(tasks)}")
-
-
 _REGISTRY: dict[str, type[Method]] = {}
 
 
@@ -190,6 +289,18 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"{cls.__name__} has no name")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"method name '{cls.name}' registered twice")
+    model = cls.Model
+    if not (isinstance(model, type) and issubclass(model, MultiTaskModel) and issubclass(model, nn.Module)):
+        raise TypeError(
+            f"method '{cls.name}': its Model ({getattr(model, '__name__', model)}) must be an nn.Module "
+            "implementing virtnet.protocol.MultiTaskModel"
+        )
+    missing = sorted(getattr(model, "__abstractmethods__", ()))
+    if missing:
+        raise TypeError(
+            f"method '{cls.name}': its Model {model.__name__} does not implement {', '.join(missing)} "
+            "of virtnet.protocol.MultiTaskModel"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -222,10 +333,12 @@ __all__ = [
     "Level",
     "Method",
     "MethodConfig",
+    "OptimizerSpec",
     "Phase",
     "get_method_class",
     "make_method",
     "method_names",
+    "TrainContext",
     "register",
     "task_loss",
 ]

@@ -27,7 +27,6 @@ from virtnet.methods.adapters.config import AdaptersConfig
 from virtnet.methods.adapters.model import AdapterNet, build_adapter_net
 from virtnet.methods.adapters.score import decathlon_score
 from virtnet.methods.base import Level, Method, Phase, register
-from virtnet.nn import Route
 
 
 @register
@@ -36,6 +35,8 @@ class Adapters(Method):
 
     name = "adapters"
     Config = AdaptersConfig
+    Model = AdapterNet
+    export_fuses = True
     config: AdaptersConfig
 
     def build(self, specs: list[TaskSpec], backbone: Any) -> nn.Module:
@@ -75,9 +76,7 @@ class Adapters(Method):
     # ---- inference ---------------------------------------------------------------------------------
     def levels(self, model: nn.Module, task: str) -> list[Level]:
         """One level per domain: the domain's network."""
-        assert isinstance(model, AdapterNet)
-        model.spec(task)
-        return [Level(1, "adapted", Route(task))]
+        return [Level(1, "adapted", model.route(task, 1))]  # type: ignore[operator]
 
     def export(self, model: nn.Module, task: str, level: int | None = None) -> nn.Module:
         """The domain's standalone network with its adapters fused into the kernels (plain layers)."""

@@ -18,7 +18,7 @@ resolution); a domain with other channels gets its own trainable stem, counted a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 
 from virtnet.backbones.base import Backbone, TaskNet, TaskSpec, check_input_shape, init_weights
 from virtnet.backbones.registry import BackboneConfig, build_backbone, default_feature_size
-from virtnet.errors import CheckpointError, ConfigError, TaskError
+from virtnet.errors import BudgetError, CheckpointError, ConfigError, TaskError
 from virtnet.nn import Linear, Route, Routed, call
 from virtnet.nn.adapters import (
     AdapterBank,
@@ -39,6 +39,7 @@ from virtnet.nn.adapters import (
     inject_adapters,
     rank_limit,
 )
+from virtnet.protocol import MultiTaskModel, check_structure
 from virtnet.train.checkpoint import load_checkpoint
 
 PLACEMENTS = ("all", "early", "mid", "late", "half")
@@ -62,7 +63,7 @@ class InputLayer(nn.Module, Routed):
         return call(self.body, x, route)  # (B, C, S, S) -> the trunk's input
 
 
-class AdapterNet(nn.Module):
+class AdapterNet(nn.Module, MultiTaskModel):
     """The universal network (stem, trunk) with adapters and per-domain batch norms, and a head per domain.
 
     Build it with :func:`build_adapter_net`. ``forward(x, task, route=None)``: the domain is ``task``
@@ -115,6 +116,57 @@ class AdapterNet(nn.Module):
     def check_input(self, x: torch.Tensor, task: str) -> None:
         """Raise DataError when ``x`` is not a batch of the domain's input shape."""
         check_input_shape(self.spec(task), x, "domain")
+
+    def route(self, task: str, level: int | None = None) -> Route:
+        """The domain's route (one level per domain)."""
+        self._check_level(task, level)
+        return Route(task)
+
+    def _check_level(self, task: str, level: int | None) -> None:
+        self.spec(task)
+        if level not in (None, 1):
+            raise BudgetError(f"domain '{task}' has levels [1], not {level}")
+
+    def task_network(self, task: str, level: int | None = None) -> TaskNet:
+        """The domain's network (unfused; call it with :meth:`route`), sharing this model's modules."""
+        self._check_level(task, level)
+        return TaskNet(self.stem_for(task), self.trunk, self.heads[task])
+
+    def parameter_usage(self, task: str, level: int | None = None) -> dict[str, torch.Tensor]:
+        """The universal weights the domain's input layer and trunk read, the domain's adapters in the
+        form in use (with the shared ``beta`` once compressed), its batch norms, head and own stem."""
+        net_ids = {id(p) for p in self.task_network(task, level).parameters()}
+        used = {id(p) for p in self.universal_parameters()} | {id(p) for p in self.domain_parameters(task)}
+        for b in self.banks():
+            if b.shared_count() and task in b.alphas:
+                used.add(id(b.beta))
+        return {
+            n: torch.ones_like(p, dtype=torch.bool)
+            for n, p in self.named_parameters()
+            if id(p) in used and id(p) in net_ids
+        }
+
+    def structure(self) -> dict[str, Any]:
+        """The adapter kind, the adapted convolutions and whether the adapters are compressed (SVD)."""
+        return {
+            "kind": self.kind,
+            "adapted": list(self.adapted),
+            "compressed": any(bool(b.compressed) for b in self.banks() if b.rank is not None),
+        }
+
+    def apply_structure(self, structure: Mapping[str, Any]) -> None:
+        saved = dict(structure)
+        compressed = saved.pop("compressed", None)
+        if not isinstance(compressed, bool):
+            raise CheckpointError(f"structure.compressed: expected true or false, got {compressed!r}")
+        own = self.structure()
+        own.pop("compressed")
+        check_structure(saved, own)
+        ranked = [b for b in self.banks() if b.rank is not None]
+        if compressed and not ranked:
+            raise CheckpointError("structure.compressed: this model's adapters have no rank to compress to")
+        for b in ranked:
+            b.compressed.fill_(compressed)
 
     def _route(self, task: str, route: Route | None) -> Route:
         self.spec(task)
@@ -321,7 +373,7 @@ def source_of(path: str, source: str | None) -> tuple[TaskSpec, dict[str, torch.
     ``feature_extraction``: keys ``trunk.*``, ``stems.<task or shared>.*``, ``heads.<task>.*``) and of
     ``individual`` (``nets.<task>.*``)."""
     ck = load_checkpoint(path)
-    tasks = [TaskSpec(**t) for t in ck.meta.get("tasks", [])]
+    tasks = [TaskSpec.from_dict(t) for t in ck.meta.get("tasks", [])]
     if not tasks:
         raise CheckpointError(f"{path}: checkpoint has no task list")
     names = [t.name for t in tasks]

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from virtnet.backbones.base import TaskSpec
+from virtnet.backbones.base import MultiTaskNet, TaskSpec
 from virtnet.backbones.registry import build_multitask
 from virtnet.methods.base import Method, MethodConfig, Phase
 from virtnet.methods.common.loading import load_matching
@@ -26,6 +26,7 @@ class SequentialMethod(Method):
     """Tasks one after another: phase t trains on task t's data only."""
 
     Config = SequentialConfig
+    Model = MultiTaskNet
     sequential = True
 
     def build(self, specs: list[TaskSpec], backbone: Any) -> nn.Module:

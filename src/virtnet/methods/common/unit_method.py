@@ -18,7 +18,7 @@ from virtnet.backbones.base import TaskSpec
 from virtnet.backbones.registry import build_multitask
 from virtnet.data.core import Batch
 from virtnet.errors import ConfigError
-from virtnet.export.compact import compact
+from virtnet.nn.compact import compact
 from virtnet.methods.base import Level, Method, MethodConfig, Phase, task_loss
 from virtnet.methods.common.virtual import VirtualNet
 
@@ -68,6 +68,7 @@ class UnitMethod(Method):
     """Base of the methods whose levels are nested sets of units of one :class:`VirtualNet`."""
 
     Config = UnitsConfig
+    Model = VirtualNet
 
     # ---- what a subclass decides -------------------------------------------------------------------
     def num_units(self, specs: list[TaskSpec]) -> int:

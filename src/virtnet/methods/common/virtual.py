@@ -13,14 +13,18 @@ sequential learning, Sec. 3.3).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
 from virtnet.backbones.base import MultiTaskNet, TaskNet
-from virtnet.errors import BudgetError
+from virtnet.errors import BudgetError, CheckpointError
 from virtnet.methods.common.units import check_order, level_units
 from virtnet.nn import Linear, Route, call, make_switchable
 from virtnet.nn.units import UnitPartition
+from virtnet.protocol import check_structure
 
 
 def level_key(task: str, level: int) -> str:
@@ -81,6 +85,10 @@ class VirtualNet(MultiTaskNet):
         self.spec(task)
         return [int(u) for u in self.orders[list(self.specs).index(task)]]
 
+    def levels(self, task: str) -> list[int]:
+        """The protocol's levels: :meth:`levels_of`."""
+        return self.levels_of(task)
+
     def levels_of(self, task: str) -> list[int]:
         """The levels task ``task`` offers now (those whose units are all in use)."""
         active = int(self.active_units)
@@ -109,3 +117,27 @@ class VirtualNet(MultiTaskNet):
     def task_network(self, task: str, level: int | None = None) -> TaskNet:  # type: ignore[override]
         """(task, level)'s network, sharing this model's modules (call it with the level's route)."""
         return TaskNet(self.stem(task), self.trunk, self.heads[self.route(task, level).key])
+
+    # ---- structure ---------------------------------------------------------------------------------
+    def structure(self) -> dict[str, Any]:
+        """Units, orders, offered levels and the units in use (sequential learning adds one per task)."""
+        return {
+            "num_units": self.num_units,
+            "unit_sizes": list(self.feature_partition.sizes),
+            "orders": {t: self.order(t) for t in self.specs},
+            "offered": {t: list(v) for t, v in self.offered.items()},
+            "active_units": int(self.active_units),
+        }
+
+    def apply_structure(self, structure: Mapping[str, Any]) -> None:
+        """Set the units in use; the rest must be what this model was built with."""
+        saved = dict(structure)
+        active = saved.pop("active_units", None)
+        if isinstance(active, bool) or not isinstance(active, int) or not 1 <= active <= self.num_units:
+            raise CheckpointError(
+                f"structure.active_units: expected an integer in 1..{self.num_units}, got {active!r}"
+            )
+        own = self.structure()
+        own.pop("active_units")
+        check_structure(saved, own)
+        self.active_units.fill_(active)

@@ -9,14 +9,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from virtnet.backbones.base import MultiTaskNet, TaskNet, TaskSpec
+from virtnet.backbones.base import MultiTaskNet, TaskNet, TaskSpec, network_usage
 from virtnet.backbones.registry import build_multitask
 from virtnet.errors import TaskError
 from virtnet.methods.base import Method, MethodConfig, register
 from virtnet.nn import Route
+from virtnet.protocol import MultiTaskModel
 
 
-class IndividualNets(nn.Module):
+class IndividualNets(nn.Module, MultiTaskModel):
     """One :class:`MultiTaskNet` of a single task per task, under ``nets[task]``."""
 
     def __init__(self, nets: dict[str, MultiTaskNet]) -> None:
@@ -32,14 +33,17 @@ class IndividualNets(nn.Module):
             raise TaskError(f"unknown task '{task}': the model has {self.tasks}")
         return self.nets[task]  # type: ignore[return-value]
 
-    def check_input(self, x: torch.Tensor, task: str) -> None:
-        self._net(task).check_input(x, task)
+    def spec(self, task: str) -> TaskSpec:
+        return self._net(task).spec(task)
 
     def forward(self, x: torch.Tensor, task: str, route: Route | None = None) -> torch.Tensor:
         return self._net(task)(x, task, route)
 
-    def task_network(self, task: str) -> TaskNet:
-        return self._net(task).task_network(task)
+    def task_network(self, task: str, level: int | None = None) -> TaskNet:
+        return self._net(task).task_network(task, level)
+
+    def parameter_usage(self, task: str, level: int | None = None) -> dict[str, torch.Tensor]:
+        return network_usage(self, self.task_network(task, level), self.route(task, level))
 
 
 class IndividualConfig(MethodConfig):
@@ -52,6 +56,7 @@ class Individual(Method):
 
     name = "individual"
     Config = IndividualConfig
+    Model = IndividualNets
 
     def build(self, specs: list[TaskSpec], backbone: Any) -> nn.Module:
         cfg = backbone.model_copy(update={"width": backbone.width * self.config.width})

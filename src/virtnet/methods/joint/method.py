@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from virtnet.backbones.base import TaskSpec
+from virtnet.backbones.base import MultiTaskNet, TaskSpec
 from virtnet.backbones.registry import build_multitask
 from virtnet.data.core import Batch
 from virtnet.methods.base import Method, MethodConfig, Phase, register, task_loss
@@ -26,6 +26,7 @@ class Joint(Method):
 
     name = "joint"
     Config = JointConfig
+    Model = MultiTaskNet
 
     def build(self, specs: list[TaskSpec], backbone: Any) -> nn.Module:
         return build_multitask(backbone, specs, shared_stem=self.config.shared_stem)

@@ -58,6 +58,7 @@ class PackNet(Method):
 
     name = "packnet"
     Config = PackNetConfig
+    Model = PackNetModel
     sequential = True
     config: PackNetConfig
 

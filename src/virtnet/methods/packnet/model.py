@@ -33,9 +33,10 @@ from torch import nn
 from torch.func import functional_call
 
 from virtnet.backbones.base import MultiTaskNet, TaskNet
-from virtnet.errors import CheckpointError, ConfigError, TaskError
+from virtnet.errors import BudgetError, CheckpointError, ConfigError, TaskError
 from virtnet.methods.packnet.ownership import OwnershipMap, buffer_name, load_ownership, save_ownership
 from virtnet.nn import Route
+from virtnet.protocol import MultiTaskModel, TaskSpec, check_input_shape, check_structure
 
 PACKED_FORMAT = "virtnet-packnet-packed"  # save_packed / load_packed
 
@@ -125,7 +126,7 @@ class _TaskState(nn.Module):
         return [getattr(self, buffer_name(n)) for n in self.param_names]
 
 
-class PackNetModel(nn.Module):
+class PackNetModel(nn.Module, MultiTaskModel):
     """A network packed with several tasks by iterative pruning.
 
     Build it with :meth:`from_multitask` (virtnet backbones) or :func:`wrap` (any module made of
@@ -141,6 +142,7 @@ class PackNetModel(nn.Module):
             (e.g. its stem and head in a MultiTaskNet); those are trained with their task, never pruned.
         task_specific_bn: batch-norm parameters and running statistics per task.
         task_specific_bias: biases (and other non-prunable shared parameters) per task.
+        specs: the tasks' :class:`TaskSpec` (input shapes, normalisation), when known.
     """
 
     def __init__(
@@ -151,8 +153,10 @@ class PackNetModel(nn.Module):
         task_prefixes: Mapping[str, tuple[str, ...]] | None = None,
         task_specific_bn: bool = False,
         task_specific_bias: bool = False,
+        specs: Mapping[str, TaskSpec] | None = None,
     ) -> None:
         super().__init__()
+        self.specs: dict[str, TaskSpec] = dict(specs or {})
         if not tasks:
             raise ConfigError("PackNet needs at least one task")
         if len(set(tasks)) != len(tasks):
@@ -251,7 +255,7 @@ class PackNetModel(nn.Module):
             if not net.shared_stem:
                 own.append(f"stems.{t}.")
             prefixes[t] = tuple(own)
-        return cls(net, net.tasks, None, prefixes, task_specific_bn, task_specific_bias)
+        return cls(net, net.tasks, None, prefixes, task_specific_bn, task_specific_bias, net.specs)
 
     # ---- tasks --------------------------------------------------------------------------------------
     @property
@@ -292,11 +296,75 @@ class PackNetModel(nn.Module):
             raise TaskError(f"task '{name}' has not been added yet (added so far: {self.added})")
         return name
 
+    def spec(self, task: str | int) -> TaskSpec:
+        name = self.task_name(task)
+        if name not in self.specs:
+            raise TaskError(f"task '{name}': this PackNet wraps a network without task specs (pass specs=)")
+        return self.specs[name]
+
     def check_input(self, x: torch.Tensor, task: str | int) -> None:
-        """Raise DataError when ``x`` does not fit the task (for networks that know their inputs)."""
-        check = getattr(self.net, "check_input", None)
-        if check is not None:
-            check(x, self.task_name(task))
+        """Raise DataError when ``x`` does not fit the task (when the task's spec is known)."""
+        name = self.task_name(task)
+        if name in self.specs:
+            check_input_shape(self.specs[name], x)
+
+    def levels(self, task: str) -> list[int]:
+        self.check_task(task)
+        return [1]
+
+    def parameter_usage(self, task: str | int, level: int | None = None) -> dict[str, torch.Tensor]:
+        """Task ``t`` reads the prunable weights owned by tasks ``1..t``, its own stem and head, and the
+        shared biases / batch norms (the first task's, or its own copies when kept per task)."""
+        name = self.check_task(task)
+        if level not in (None, 1):
+            raise BudgetError(f"task '{name}' has levels [1], not {level}")
+        v = self.task_number(name)
+        own_prefixes = {t: tuple(ps) for t, ps in self.task_prefixes.items()}
+        copies = set(self.per_task_params) if v > 1 else set()
+        prunable = set(self.prunable)
+        out: dict[str, torch.Tensor] = {}
+        for n, p in self.net.named_parameters():
+            if n in prunable:
+                owner = self.ownership[n]
+                out[f"net.{n}"] = (owner != 0) & (owner <= v)
+                continue
+            owner_task = next((t for t, ps in own_prefixes.items() if (n + ".").startswith(ps)), None)
+            if owner_task is not None:
+                if owner_task == name:
+                    out[f"net.{n}"] = torch.ones_like(p, dtype=torch.bool)
+            elif n not in copies:
+                out[f"net.{n}"] = torch.ones_like(p, dtype=torch.bool)
+        if v > 1 and self.task_state is not None:
+            copies_of = self.task_state[name].tensors()  # type: ignore[operator]
+            for n in self.per_task_params:
+                out[f"task_state.{name}.{buffer_name(n)}"] = torch.ones_like(copies_of[n], dtype=torch.bool)
+        if self.heads is not None:
+            for n, p in self.heads[name].named_parameters():
+                out[f"heads.{name}.{n}"] = torch.ones_like(p, dtype=torch.bool)
+        return out
+
+    def structure(self) -> dict[str, Any]:
+        """The tasks in the order they are added, how many have been added, and the per-task copies."""
+        return {
+            "tasks": list(self.task_names),
+            "added": int(self.num_added),
+            "task_specific_bn": self.task_specific_bn,
+            "task_specific_bias": self.task_specific_bias,
+        }
+
+    def apply_structure(self, structure: Mapping[str, Any]) -> None:
+        saved = dict(structure)
+        added = saved.pop("added", None)
+        if isinstance(added, bool) or not isinstance(added, int) or not 0 <= added <= self.num_tasks:
+            raise CheckpointError(
+                f"structure.added: expected an integer in 0..{self.num_tasks}, got {added!r}"
+            )
+        own = self.structure()
+        own.pop("added")
+        check_structure(saved, own)
+        with torch.no_grad():
+            self.num_added.fill_(added)
+        self.invalidate()
 
     # ---- masks --------------------------------------------------------------------------------------
     def _param(self, name: str) -> torch.Tensor:
@@ -560,11 +628,11 @@ class PackNetModel(nn.Module):
                     w.copy_(torch.where(own, w, saved))
 
     # ---- export and storage -------------------------------------------------------------------------
-    def task_network(self, task: str | int) -> TaskNet:
+    def task_network(self, task: str | int, level: int | None = None) -> TaskNet:
         """The task's modules as a :class:`TaskNet` sharing this model's tensors (unmasked)."""
         name = self.task_name(task)
         if self.heads is None:
-            return self.net.task_network(name)  # type: ignore[operator]
+            return self.net.task_network(name, level)  # type: ignore[operator]
         return TaskNet(nn.Identity(), self.net, self.heads[name])
 
     def export(self, task: str | int) -> TaskNet:
@@ -762,6 +830,7 @@ def wrap(
     feature_dim: int | None = None,
     task_specific_bn: bool = False,
     task_specific_bias: bool = False,
+    specs: Mapping[str, TaskSpec] | None = None,
 ) -> PackNetModel:
     """PackNet over a network you bring, unchanged: ``module(x)`` returns features and ``heads[task]`` maps
     them to the task's logits.
@@ -777,6 +846,8 @@ def wrap(
         feature_dim: the features ``module`` returns (needed when a head is given as a number).
         task_specific_bn: batch-norm parameters and statistics per task.
         task_specific_bias: biases per task.
+        specs: ``{task: TaskSpec}`` (input shape, normalisation), so that inputs are checked and the model
+            describes its tasks; optional.
 
     Example::
 
@@ -795,7 +866,7 @@ def wrap(
             built[t] = nn.Linear(feature_dim, h)
         else:
             raise ConfigError(f"PackNet.wrap: head '{t}' must be a module or a class count, got {h!r}")
-    return PackNetModel(module, list(built), built, None, task_specific_bn, task_specific_bias)
+    return PackNetModel(module, list(built), built, None, task_specific_bn, task_specific_bias, specs)
 
 
 __all__ = ["PackNetModel", "prunable_layer_types", "wrap"]
