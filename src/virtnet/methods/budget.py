@@ -5,9 +5,11 @@ image, 2 per MAC) or a level index. :func:`choose_level` picks the largest level
 
 Several tasks on one memory-limited device (DVN's motivating setting): :func:`choose_levels` picks one
 level per task maximising the sum of the tasks' (validation) accuracies with the selection's total cost
-within the budget. Memory is counted exactly: the distinct parameter elements the chosen levels use
-together, so a trunk block that two tasks' levels share is counted once (:func:`selection_parameters`).
-FLOPs add up over tasks (each task runs its own forward pass).
+within the budget. Memory is counted exactly from the model protocol's ``parameter_usage(task, level)``
+(:class:`virtnet.protocol.MultiTaskModel`): the distinct parameter elements the chosen levels read
+together, so a trunk block that two tasks' levels share is counted once, PackNet's weights by ownership,
+DVN's by units (:func:`selection_parameters`). FLOPs add up over tasks (each task runs its own forward
+pass).
 """
 
 from __future__ import annotations
@@ -18,13 +20,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from virtnet.errors import BudgetError
-from virtnet.nn.layers import _RoutedBatchNorm, _Sliced
-from virtnet.nn.switchable import SwitchableBatchNorm
-from virtnet.nn.units import Route
+from virtnet.protocol import union_usage, usage_count
 
 BudgetKind = Literal["level", "params", "density", "flops"]
 MAX_COMBINATIONS = 200_000
@@ -65,25 +64,32 @@ def parse_budget(text: str) -> Budget:
 
 @dataclass
 class LevelCost:
-    """Parameters (of the exported network), density and FLOPs of one level."""
+    """Parameters, density and FLOPs of one level.
+
+    ``params`` are the parameter elements the level reads in the model (``parameter_usage``: exact, e.g.
+    PackNet's owned weights only); ``export_params`` those its exported network stores (more for a dense
+    export with zeros, fewer for a fused one); FLOPs are the exported network's.
+    """
 
     level: int
     name: str
     params: int
     density: float
     flops: int
+    export_params: int = 0
 
 
 def level_costs(method: Any, model: nn.Module, task: str, input_shape: Sequence[int]) -> list[LevelCost]:
-    """Costs of every level of ``task`` from its exported networks (smallest level first)."""
+    """Costs of every level of ``task`` (smallest level first): parameters from the model's
+    ``parameter_usage``, FLOPs from the exported networks."""
     from virtnet.cost import count_flops, count_parameters
 
     out = []
     for lv in method.levels(model, task):
         net = method.export(model, task, lv.index)
-        out.append(
-            LevelCost(lv.index, lv.name, count_parameters(net), 0.0, count_flops(net, tuple(input_shape)))
-        )
+        used = usage_count(model.parameter_usage(task, lv.index))  # type: ignore[operator]
+        flops = count_flops(net, tuple(input_shape))
+        out.append(LevelCost(lv.index, lv.name, used, 0.0, flops, count_parameters(net)))
     top = out[-1].params
     for c in out:
         c.density = c.params / top
@@ -107,72 +113,17 @@ def choose_level(costs: Sequence[LevelCost], budget: Budget, task: str) -> Level
 
 
 # ---- several tasks under one budget -----------------------------------------------------------------
-def usage_masks(network: nn.Module, route: Route | None) -> dict[int, torch.Tensor]:
-    """For every parameter ``network(x, route)`` uses, a bool mask of the elements it uses (by ``id``)."""
-    masks: dict[int, torch.Tensor] = {}
-
-    def full(p: torch.Tensor) -> None:
-        masks[id(p)] = torch.ones_like(p, dtype=torch.bool)
-
-    def visit(m: nn.Module) -> None:
-        if isinstance(m, SwitchableBatchNorm):
-            if route is None or not route.key:
-                raise BudgetError(
-                    "a network with private normalisation needs a route to count its parameters"
-                )
-            for p in m.norm(route.key).parameters():
-                full(p)
-            return
-        if isinstance(m, _Sliced):
-            w: torch.Tensor = m.weight  # type: ignore[attr-defined]
-            ii, oi = m._indices(route)
-            out_m = torch.ones(w.shape[0], dtype=torch.bool)
-            in_m = torch.ones(w.shape[1], dtype=torch.bool)
-            if oi is not None:
-                out_m = torch.zeros_like(out_m)
-                out_m[oi] = True
-            if ii is not None:
-                in_m = torch.zeros_like(in_m)
-                in_m[ii] = True
-            masks[id(w)] = (
-                (out_m[:, None] & in_m[None, :]).reshape(w.shape[:2] + (1,) * (w.dim() - 2)).expand_as(w)
-            )
-            b = getattr(m, "bias", None)
-            if b is not None:
-                masks[id(b)] = out_m.clone()
-            return
-        if isinstance(m, _RoutedBatchNorm) and m.partition is not None and route is not None:
-            sel = torch.ones(m.num_features, dtype=torch.bool)  # type: ignore[attr-defined]
-            if not m.partition.covers_all(route.units):
-                sel = torch.zeros_like(sel)
-                sel[m.partition.indices(route.units or ())] = True
-            for p in m.parameters(recurse=False):
-                masks[id(p)] = sel.clone()
-            return
-        for p in m.parameters(recurse=False):
-            full(p)
-        for c in m.children():
-            visit(c)
-
-    visit(network)
-    return masks
+def selection_usage(model: nn.Module, selection: Mapping[str, int]) -> dict[str, Any]:
+    """The union of ``model.parameter_usage(task, level)`` over ``selection`` ({task: level}): a bool
+    mask per parameter name of the elements the selected levels read together."""
+    return union_usage([model.parameter_usage(t, lv) for t, lv in selection.items()])  # type: ignore[operator]
 
 
 def selection_parameters(method: Any, model: nn.Module, selection: Mapping[str, int]) -> int:
-    """Distinct parameter elements used by the levels ``selection`` ({task: level}) together."""
-    union: dict[int, torch.Tensor] = {}
-    for task, level in selection.items():
-        lv = method.level(model, task, level)
-        net = model.task_network(task, level) if _takes_level(model) else model.task_network(task)
-        for pid, m in usage_masks(net, lv.route).items():
-            union[pid] = m if pid not in union else (union[pid] | m)
-    return int(sum(int(m.sum()) for m in union.values()))
-
-
-def _takes_level(model: nn.Module) -> bool:
-    import inspect
-
-    return "level" in inspect.signature(model.task_network).parameters
+    """Distinct parameter elements the levels ``selection`` ({task: level}) read together (exact: from
+    the model's ``parameter_usage``, shared elements counted once). ``method`` is unused (kept for the
+    callers' signature)."""
+    return usage_count(selection_usage(model, selection))
 
 
 def choose_levels(
