@@ -12,7 +12,7 @@ from virtnet.data.core import Batch
 from virtnet.errors import ConfigError
 from virtnet.methods.base import Phase, register, task_loss
 from virtnet.methods.common.unit_method import UnitMethod, UnitsConfig
-from virtnet.nn.layers import _Sliced
+from virtnet.nn import usage
 
 
 class GroupedPackNetConfig(UnitsConfig):
@@ -58,22 +58,11 @@ class GroupedPackNet(UnitMethod):
         if not phase.info["learned"]:
             return
         prev = phase.info["learned"][-1]
-        units = model.route(prev).units or ()
-        for m in model.trunk.modules():
-            if not isinstance(m, _Sliced):
-                continue
-            w: torch.Tensor = m.weight  # type: ignore[attr-defined]
-            out_in = torch.zeros(w.shape[0], dtype=torch.bool)
-            in_in = torch.zeros(w.shape[1], dtype=torch.bool)
-            if m.out_partition is not None:
-                out_in[m.out_partition.indices(units)] = True
-            if m.in_partition is not None:
-                in_in[m.in_partition.indices(units)] = True
-            mask = (out_in[:, None] & in_in[None, :]).reshape(w.shape[:2] + (1,) * (w.dim() - 2)).expand_as(w)
-            self._frozen.append((w, mask, w.detach().clone()))
-            b = getattr(m, "bias", None)
-            if b is not None:
-                self._frozen.append((b, out_in, b.detach().clone()))
+        trunk = dict(model.trunk.named_parameters())
+        # what the previous task's level reads of the trunk: every weight block between its units
+        for name, mask in usage(model.trunk, model.route(prev)).items():
+            p = trunk[name]
+            self._frozen.append((p, mask, p.detach().clone()))
 
     def training_step(
         self, model: nn.Module, batches: dict[str, Batch], phase: Phase
