@@ -104,24 +104,52 @@ def train(
     out_dir: str | Path | None = None,
     taskset: TaskSet | None = None,
     log: Any = None,
+    allow_changes: list[str] | tuple[str, ...] | None = None,
 ) -> Run:
     """Train the run described by ``config`` and evaluate it on the test split.
 
     Writes ``metrics.jsonl``, ``checkpoints/last.*``, ``model.*`` (the final weights) and
     ``config.json`` (the config with defaults filled in) under ``out_dir`` (default: the config's
     ``output_dir``).
+
+    ``resume``: continue from the run's last checkpoint. Options that change what the weights mean
+    (anything but :data:`virtnet.config.FREE_KEYS`) must then be the run's own, unless named in
+    ``allow_changes`` (keys or sections); allowed changes are recorded in ``config.json`` and every
+    checkpoint as ``changes`` with the global step at which they took effect.
+
+    A user ``taskset`` is checked first: class labels integers in range, multilabel targets 0/1
+    (:func:`virtnet.inputs.check_taskset`). When ``train.threads`` is unset, torch's threads follow
+    :func:`virtnet.threads.apply_default` (unless ``virtnet`` on the command line chose them already).
     """
-    cfg = _as_config(config)
-    out = Path(out_dir if out_dir is not None else cfg.output_dir)
-    if taskset is None:
-        taskset = build_taskset(cfg.data, cfg.seed)
-    specs = task_specs(taskset)
-    method, model = build(cfg, specs)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
     import json
 
+    from virtnet.config import check_model_size, prepare_output_dir, record_changes
+    from virtnet.inputs import check_taskset
+    from virtnet.threads import apply_default
+
+    cfg = _as_config(config)
+    out = Path(out_dir if out_dir is not None else cfg.output_dir)
+    if allow_changes and not resume:
+        raise ConfigError("allow_changes: only meaningful with resume=True")
+    if resume and (out / "config.json").is_file():
+        record = out / "config.json"
+        try:
+            previous = RunConfig.from_dict(json.loads(record.read_text(encoding="utf-8")), source=str(record))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{record}: not valid JSON: {e}") from None
+        cfg = record_changes(previous, cfg, _resume_step(out), allow_changes or (), source=str(record))
+    apply_default(cfg.train.threads, once=cfg.train.threads is None)
+    if taskset is None:
+        taskset = build_taskset(cfg.data, cfg.seed)
+    else:
+        check_taskset(taskset)
+    specs = task_specs(taskset)
+    feature = cfg.model.feature_size or max(8, min(s.input_size for s in specs))
+    check_model_size(cfg.model, feature, cfg.train.batch_size)
+    out = prepare_output_dir(out)
+    method, model = build(cfg, specs)
+    if not resume and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     trainer = Trainer(
         method,
@@ -137,6 +165,21 @@ def train(
     summary = trainer.fit(resume=resume)
     rows = evaluate(method, model, taskset, split="test")
     return Run(cfg, method, model, taskset, out, summary, rows)
+
+
+def _resume_step(out: Path) -> int:
+    """The global step of the run's last checkpoint (its previous one when the last is damaged; 0 when
+    there is none): where options changed on resume take effect."""
+    from virtnet.train.checkpoint import checkpoint_paths, load_checkpoint_with_fallback
+
+    last = out / "checkpoints" / "last"
+    if not checkpoint_paths(last)[1].is_file():
+        return 0
+    try:
+        ck = load_checkpoint_with_fallback(last)
+    except CheckpointError:
+        return 0
+    return int((ck.meta.get("state") or {}).get("global_step", 0))
 
 
 @dataclass
@@ -275,9 +318,11 @@ def sequence_rows(
 
     Reads the run's per-phase checkpoints ``RUN/checkpoints/phase-<k>.json``; after phase k, every task of
     phases 0..k is evaluated at its largest level. Rows: ``after_phase``, ``after_task`` (the tasks
-    added in that phase), ``task``, ``level``, ``accuracy``, ``error`` (%).
+    added in that phase), ``task``, ``level``, ``accuracy``, ``error`` (%); each task once per phase (a
+    task trained over several phases, as PackNet's train and re-train, is listed once). ``path``: a
+    checkpoint of the run or the run folder.
     """
-    run = run_dir_of(path)
+    run = Path(path) if Path(path).is_dir() else run_dir_of(path)
     ckpts = sorted((run / "checkpoints").glob("phase-*.json"), key=lambda p: int(p.stem.split("-")[1]))
     if not ckpts:
         raise ConfigError(f"{run}: no per-phase checkpoints (checkpoints/phase-<k>.json) in this run")
@@ -288,8 +333,11 @@ def sequence_rows(
             taskset = loaded.taskset(data_root)
         k = int(ck.stem.split("-")[1])
         phases = loaded.method.phases([s.name for s in loaded.specs])
-        learned = [t for ph in phases[: k + 1] for t in ph.tasks]
-        acc = evaluate(loaded.method, loaded.model, taskset, split=split, tasks=learned, levels="top")
+        learned = list(dict.fromkeys(t for ph in phases[: k + 1] for t in ph.tasks))
+        acc = evaluate(
+            loaded.method, loaded.model, normalised_as(taskset, loaded.specs), split=split, tasks=learned,
+            levels="top",
+        )
         for r in acc:
             rows.append(
                 {
@@ -326,8 +374,25 @@ def resolve_level(loaded: Loaded, task: str, budget: Any = None) -> int:
     return choose_level(costs, b, task).level
 
 
-def predict(loaded: Loaded, x: torch.Tensor, task: str, budget: Any = None) -> torch.Tensor:
-    """Logits of ``task`` on ``x`` (normalised inputs) at the largest level that fits ``budget``."""
+def predict(
+    loaded: Loaded, x: Any, task: str, budget: Any = None, allow_nonfinite: bool = False
+) -> torch.Tensor:
+    """Logits of ``task`` on the batch ``x`` at the largest level that fits ``budget``.
+
+    ``x``: a ``(B, C, H, W)`` tensor or numpy array of the task's shape on the model's device:
+    ``float32`` normalised inputs as they are, ``float64`` cast to ``float32``, ``uint8`` raw pixels
+    scaled by 1/255 and normalised with the task's recorded mean and std; other dtypes, empty batches
+    and (unless ``allow_nonfinite``) NaN or infinite values are refused with a one-line DataError
+    (see :mod:`virtnet.inputs`)."""
+    from virtnet.errors import TaskError
+    from virtnet.inputs import prepare_inputs
+
+    spec = next((s for s in loaded.specs if s.name == task), None)
+    if spec is None:
+        raise TaskError(f"unknown task '{task}': the model has {[s.name for s in loaded.specs]}")
+    param = next(iter(loaded.model.parameters()), None)
+    device = param.device if param is not None else None
+    x = prepare_inputs(x, spec, device=device, allow_nonfinite=allow_nonfinite)
     level = resolve_level(loaded, task, budget)
     with torch.inference_mode():
         return loaded.method.predict(loaded.model, x, task, level)
@@ -342,6 +407,7 @@ def shared_budget(
 
     b = budget if isinstance(budget, Budget) else parse_budget(str(budget))
     tasks = tasks or [s.name for s in loaded.specs]
+    taskset = normalised_as(taskset, loaded.specs)
     split = "val" if all(taskset[t].val is not None for t in tasks) else "test"
     rows = evaluate(loaded.method, loaded.model, taskset, split=split, tasks=tasks)
     acc = {(r["task"], r["level"]): r["accuracy"] for r in rows}
