@@ -13,6 +13,8 @@ from virtnet.cost.params import (
     density,
     parameter_breakdown,
     tensor_bytes,
+    usage_breakdown,
+    used_parameters,
 )
 from virtnet.cost.plots import plot_accuracy_vs_density, plot_error_matrix
 from virtnet.cost.report import (
@@ -51,5 +53,7 @@ __all__ = [
     "plot_accuracy_vs_density",
     "plot_error_matrix",
     "tensor_bytes",
+    "usage_breakdown",
+    "used_parameters",
     "write_report",
 ]

@@ -16,11 +16,20 @@ Counting rule (the same everywhere in virtnet's reports):
   ``(0, 1]`` (reports and plots show it in percent);
 * a multi-task model's total is its physical parameters counted once: pass the whole model (or all its
   task networks at once, which share their trunk) to :func:`count_parameters`.
+
+Exact accounting inside a multi-task model (:func:`used_parameters`, :func:`usage_breakdown`): the
+elements a ``(task, level)`` reads, from the model protocol's ``parameter_usage(task, level)`` (bool
+masks by parameter name): DVN's units, PackNet's owned weights, an adapter domain's own tensors plus the
+universal ones. An element is **shared** when another task reads it too (at any of its levels), else
+task-specific. For a sliced export (DVN) the usage count equals the export's parameter count; for a
+PackNet export (dense, with zeros) it equals the export's nonzero count; a fused export (adapters)
+stores fewer values than it reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -169,6 +178,34 @@ def bytes_on_disk(module: nn.Module) -> int:
     return len(save(_savable_state(module)))
 
 
+def used_parameters(model: Any, task: str, level: int | None = None) -> int:
+    """Parameter elements ``(task, level)`` reads in ``model`` (a :class:`virtnet.protocol.MultiTaskModel`),
+    from its ``parameter_usage``: exact, each element once."""
+    from virtnet.protocol import usage_count
+
+    return usage_count(model.parameter_usage(task, level))
+
+
+def usage_breakdown(
+    model: Any, task: str, level: int | None = None, others: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, int]:
+    """``{"shared", "task_specific", "total"}`` of the elements ``(task, level)`` reads in ``model``.
+
+    An element is shared when another task of the model reads it at one of its levels (``others``: the
+    union of the other tasks' usage, computed when not given); ``shared + task_specific == total``.
+    """
+    from virtnet.protocol import union_usage, usage_count
+
+    used = model.parameter_usage(task, level)
+    if others is None:
+        others = union_usage(
+            [model.parameter_usage(t, lv) for t in model.tasks if t != task for lv in model.levels(t)]
+        )
+    total = usage_count(used)
+    shared = sum(int((m & others[n]).sum()) for n, m in used.items() if n in others)
+    return {"shared": shared, "task_specific": total - shared, "total": total}
+
+
 __all__ = [
     "bytes_on_disk",
     "count_buffers",
@@ -176,4 +213,6 @@ __all__ = [
     "density",
     "parameter_breakdown",
     "tensor_bytes",
+    "usage_breakdown",
+    "used_parameters",
 ]

@@ -42,6 +42,7 @@ from virtnet.cost.params import (
     tensor_bytes,
 )
 from virtnet.errors import ConfigError
+from virtnet.protocol import usage_count
 
 #: keys every row must have (plus ``level`` or ``budget``)
 REQUIRED_KEYS = ("method", "scenario", "task", "accuracy", "params", "flops")
@@ -58,6 +59,7 @@ ROW_KEYS = (
     "params",
     "shared_params",
     "task_params",
+    "export_params",
     "flops",
     "latency_ms_b1",
     "latency_ms_b64",
@@ -76,6 +78,7 @@ _HEADERS = {
     "params": "params",
     "shared_params": "shared params",
     "task_params": "task params",
+    "export_params": "export params",
     "flops": "FLOPs (2 per MAC)",
     "bytes": "bytes on disk",
     "tensor_bytes": "tensor bytes",
@@ -83,7 +86,16 @@ _HEADERS = {
 }
 _LATENCY = re.compile(r"^latency_ms_b(\d+)(?:_(\w+))?$")
 _FORMAT = re.compile(r"^format_b(\d+)$")
-_INT_COLUMNS = {"params", "shared_params", "task_params", "flops", "bytes", "tensor_bytes", "buffers"}
+_INT_COLUMNS = {
+    "params",
+    "shared_params",
+    "task_params",
+    "export_params",
+    "flops",
+    "bytes",
+    "tensor_bytes",
+    "buffers",
+}
 
 
 # ---- computing ---------------------------------------------------------------------------------------
@@ -142,6 +154,23 @@ def cost_of(
     return row
 
 
+def _usages(model: Any, task: str, levels: Sequence[int]) -> tuple[dict[int, Any], dict[str, Any]] | None:
+    """The usage masks of ``task``'s levels and the union of the other tasks' (all levels), or None when
+    the model does not implement ``parameter_usage`` (not a MultiTaskModel, or NotImplementedError)."""
+    from virtnet.protocol import MultiTaskModel, union_usage
+
+    if not isinstance(model, MultiTaskModel):
+        return None
+    try:
+        mine = {lv: model.parameter_usage(task, lv) for lv in levels}
+    except NotImplementedError:
+        return None
+    others = union_usage(
+        [model.parameter_usage(t, lv) for t in model.tasks if t != task for lv in model.levels(t)]
+    )
+    return mine, others
+
+
 def level_costs(
     method: Any,
     model: nn.Module,
@@ -155,13 +184,27 @@ def level_costs(
     :func:`cost_of` (``cost_kwargs`` are passed on; ``shared_prefixes`` defaults to the method's). The rows
     have ``method``, ``task``, ``level``, ``level_name`` and the cost keys; the caller adds ``scenario`` and
     ``accuracy``.
+
+    Exact accounting: when ``model`` implements the model protocol's ``parameter_usage``, ``params`` are
+    the elements the level reads in the model (PackNet's owned weights, DVN's units, an adapter domain's own
+    tensors plus the universal ones), split into ``shared_params`` (read by another task too) and
+    ``task_params``; ``export_params`` keeps the exported network's parameter count (its own
+    ``params`` otherwise).
     """
     cost_kwargs.setdefault("shared_prefixes", tuple(method.shared_prefixes()))
+    levels = list(method.levels(model, task))
+    usages = _usages(model, task, [lv.index for lv in levels])
     rows = []
-    for lv in method.levels(model, task):
+    for lv in levels:
         net = method.export(model, task, lv.index)
         row = {"method": method.name, "task": task, "level": lv.index, "level_name": lv.name}
         row.update(cost_of(net, input_shape, **cost_kwargs))
+        row["export_params"] = row["params"]
+        if usages is not None:
+            used, others = usages[0][lv.index], usages[1]
+            total = usage_count(used)
+            shared = sum(int((m & others[n]).sum()) for n, m in used.items() if n in others)
+            row.update(params=total, shared_params=shared, task_params=total - shared)
         rows.append(row)
         del net
     if rows:
