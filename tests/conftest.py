@@ -1,11 +1,25 @@
-"""Shared fixtures: small task sets made in memory (no files, no network)."""
+"""Shared fixtures: small task sets made in memory (no files, no network).
+
+The suite fixes its own threads at import: one intra-op and one inter-op torch thread, and
+``VIRTNET_THREADS=1`` for the CLI and ``api.train`` (which otherwise choose by the load, see
+virtnet.threads), so ``make test`` runs at the same speed on an idle and on a busy machine.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 from virtnet.data.core import ArrayDataset, Task, TaskSet
+
+os.environ.setdefault("VIRTNET_THREADS", "1")
+torch.set_num_threads(1)
+try:
+    torch.set_num_interop_threads(1)
+except RuntimeError:  # parallel work already started (another plugin): keep the pool
+    pass
 
 
 def pattern_dataset(n: int, classes: int, channels: int, size: int, seed: int, source: str) -> ArrayDataset:

@@ -1,12 +1,16 @@
 """``virtnet`` command line: ``train``, ``eval``, ``info``, ``export``, ``demo``.
 
-Every bad input ends with one line ``virtnet: error: <what is wrong>`` on stderr and exit status 2.
+Every bad input ends with one line ``virtnet: error: <what is wrong>`` on stderr and exit status 2. A
+closed stdout (``virtnet eval RUN --json | head -1``) ends quietly. Torch's threads follow
+:func:`virtnet.threads.apply_default` (the idle usable cores, or ``$VIRTNET_THREADS``). A checkpoint
+argument may be a run folder (``RUN`` means ``RUN/model.json``, else ``RUN/checkpoints/last.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -112,11 +116,22 @@ def _eval_rows(
 def cmd_train(args: argparse.Namespace) -> int:
     from virtnet import api
 
+    if args.allow_changes and not args.resume:
+        raise ConfigError("--allow-changes: only with --resume (it records options changed on resuming)")
     cfg = load_run_config(args.config, args.set or [], args.data_root, args.output_dir)
-    t0 = time.perf_counter()
-    run = api.train(cfg, resume=args.resume)
-    print(f"trained in {time.perf_counter() - t0:.1f}s; weights: {run.out_dir / 'model.json'}")
-    print(table(run.test_rows))
+    from virtnet.train.runtime import Runtime
+
+    # under torchrun (WORLD_SIZE > 1) this joins the process group; rank 0 alone prints and writes files
+    runtime = Runtime.from_env(cfg.train.device)
+    try:
+        t0 = time.perf_counter()
+        run = api.train(cfg, resume=args.resume, allow_changes=args.allow_changes)
+        if runtime.is_main:
+            ranks = f" on {runtime.world_size} processes" if runtime.world_size > 1 else ""
+            print(f"trained{ranks} in {time.perf_counter() - t0:.1f}s; weights: {run.out_dir / 'model.json'}")
+            print(table(run.test_rows))
+    finally:
+        runtime.close()
     return 0
 
 
@@ -223,9 +238,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def check_plot_path(path: str | None, key: str = "--plot") -> None:
+    """Refuse, before any work, a plot file whose format matplotlib is not asked to write here."""
+    if path is None:
+        return
+    suffix = Path(path).suffix.lower()
+    if suffix not in PLOT_FORMATS:
+        raise ConfigError(
+            f"{key} {path}: unsupported plot format '{suffix or '(none)'}' (use {', '.join(PLOT_FORMATS)})"
+        )
+    parent = Path(path).parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"{key} {path}: {parent} is not a folder")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from virtnet import api
 
+    check_plot_path(args.plot)
     if args.sequence:
         return cmd_eval_sequence(args)
     if args.shared_budget:
@@ -354,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-root", help="data folder (overrides data.root)")
     t.add_argument("--output-dir", help="run folder (overrides output_dir)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
+    t.add_argument(
+        "--allow-changes",
+        nargs="+",
+        metavar="KEY",
+        help="with --resume: accept these changed options (keys or sections) and record them in the run",
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="accuracy, parameters, FLOPs and latency per task and level")
@@ -395,19 +434,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train and report a small multi-task model on the bundled digits")
     d.add_argument("--output-dir")
-    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--threads", type=int, help="threads while timing (default: the default thread rule)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE")
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null (the reader went away): later writes and the exit flush stay quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        from virtnet.threads import apply_default
+
+        apply_default(None)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except VirtnetError as e:
-        print(f"virtnet: error: {e}", file=sys.stderr)
+        print(f"virtnet: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("virtnet: interrupted", file=sys.stderr)

@@ -12,10 +12,19 @@ the faster format per batch size; reports use the faster one.
 
 The caller's module is left as it was: the converted weights are swapped in for the measurement and the
 original tensors (same memory, same layout) put back afterwards, together with every training flag.
+
+Contention: on a busy machine the figures mean little (two-thread timings beside another busy process
+come out 10-50x slower and in no stable order). While timing, every measurement records how long this
+process's threads were runnable but waiting for a core (``/proc/self/task/*/schedstat``: run-queue wait
+over run + wait time, ``runqueue_wait``) and the main thread's CPU time over the wall time
+(``cpu_per_wall``). It is ``contended`` when the run-queue wait exceeds :data:`CONTENDED_WAIT` of the
+time, or (where schedstat is unavailable) the main thread ran less than :data:`CONTENDED_CPU` of the wall
+time. :func:`latency_profile` reports ``contended`` when any of its measurements was.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +38,11 @@ from virtnet.cost.flops import eval_mode, example_input, run_forward
 from virtnet.errors import ConfigError
 
 FORMATS = ("nchw", "channels_last")
+
+CONTENDED_WAIT = 0.10
+"""Run-queue wait (fraction of run + wait time) above which a measurement is marked contended."""
+CONTENDED_CPU = 0.80
+"""Main-thread CPU time over wall time below which a measurement is marked contended (no schedstat)."""
 
 _TORCH_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -81,6 +95,49 @@ def num_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _schedstat() -> tuple[int, int] | None:
+    """``(run ns, run-queue wait ns)`` summed over this process's threads; None where unavailable."""
+    run = wait = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                fields = f.read().split()
+            run += int(fields[0])
+            wait += int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return run, wait
+
+
+class ContentionProbe:
+    """Measures, between :meth:`start` and :meth:`stop`, the run-queue wait and the main thread's CPU time
+    against the wall time (see the module docstring)."""
+
+    def start(self) -> None:
+        self._sched = _schedstat()
+        self._cpu = time.thread_time()
+        self._wall = time.perf_counter()
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self._wall
+        cpu = time.thread_time() - self._cpu
+        sched = _schedstat()
+        out: dict[str, Any] = {"cpu_per_wall": float(cpu / wall) if wall > 0 else 1.0, "runqueue_wait": None}
+        if self._sched is not None and sched is not None:
+            run, wait = sched[0] - self._sched[0], sched[1] - self._sched[1]
+            if run + wait > 0 and run >= 0 and wait >= 0:
+                out["runqueue_wait"] = float(wait / (run + wait))
+        if out["runqueue_wait"] is not None:
+            out["contended"] = bool(out["runqueue_wait"] > CONTENDED_WAIT)
+        else:
+            out["contended"] = bool(out["cpu_per_wall"] < CONTENDED_CPU)
+        return out
+
+
 def _sync(x: torch.Tensor) -> None:
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
@@ -110,7 +167,8 @@ def measure_latency(
 
     Returns:
         ``{"median_ms", "p10_ms", "p90_ms", "mean_ms", "batch_size", "memory_format", "threads",
-        "warmup", "repeats"}`` (plus ``"times_ms"`` when asked).
+        "warmup", "repeats", "contended", "runqueue_wait", "cpu_per_wall"}`` (plus ``"times_ms"`` when
+        asked); ``contended`` is True when other processes kept this one waiting for cores while timing.
     """
     fmt = _torch_format(memory_format)
     if not isinstance(warmup, int) or warmup < 0:
@@ -126,12 +184,17 @@ def measure_latency(
             for _ in range(warmup):
                 run_forward(module, x)
             _sync(x)
+            probe = ContentionProbe()
+            probe.start()
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 module(x)
                 _sync(x)
                 times.append((time.perf_counter() - t0) * 1000.0)
+            contention = probe.stop()
         used_threads = torch.get_num_threads()
+    if x.is_cuda:  # the host thread sleeps while the device works: CPU time says nothing
+        contention = {**contention, "contended": False, "cpu_per_wall": None}
     arr = np.asarray(times)
     out: dict[str, Any] = {
         "median_ms": float(np.median(arr)),
@@ -143,6 +206,7 @@ def measure_latency(
         "threads": used_threads,
         "warmup": warmup,
         "repeats": repeats,
+        **contention,
     }
     if keep_times:
         out["times_ms"] = times
@@ -164,8 +228,10 @@ def latency_profile(
     only the first format is measured.
 
     Returns:
-        ``{"threads", "warmup", "repeats", "batches": {batch_size: {fmt: measure_latency(...) for each
-        format, "best_format": fmt, "best_ms": median of the faster format}}}``.
+        ``{"threads", "warmup", "repeats", "contended", "runqueue_wait", "batches": {batch_size: {fmt:
+        measure_latency(...) for each format, "best_format": fmt, "best_ms": median of the faster format,
+        "contended"}}}``; ``contended`` (True when any measurement was) means the figures are not reliable
+        (``runqueue_wait``: the largest run-queue wait fraction seen, None where unknown).
     """
     formats = list(dict.fromkeys(formats))
     if not formats:
@@ -184,13 +250,27 @@ def latency_profile(
         best = min(formats, key=lambda f: entry[f]["median_ms"])
         entry["best_format"] = best
         entry["best_ms"] = entry[best]["median_ms"]
+        entry["contended"] = any(entry[f]["contended"] for f in formats)
         batches[b] = entry
+    waits = [e[f]["runqueue_wait"] for e in batches.values() for f in formats]
+    known = [w for w in waits if w is not None]
     return {
         "threads": threads if threads is not None else torch.get_num_threads(),
         "warmup": warmup,
         "repeats": repeats,
+        "contended": any(e["contended"] for e in batches.values()),
+        "runqueue_wait": max(known) if known else None,
         "batches": batches,
     }
 
 
-__all__ = ["FORMATS", "as_memory_format", "latency_profile", "measure_latency", "num_threads"]
+__all__ = [
+    "CONTENDED_CPU",
+    "CONTENDED_WAIT",
+    "FORMATS",
+    "ContentionProbe",
+    "as_memory_format",
+    "latency_profile",
+    "measure_latency",
+    "num_threads",
+]

@@ -207,8 +207,21 @@ def save_checkpoint(
     return write_pair(path, tensors, meta, keep_previous=keep_previous)
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint named by a run folder becomes ``RUN/model`` when ``RUN/model.json`` exists, else
+    ``RUN/checkpoints/last``; any other path is returned as given (a stem or either file of a pair)."""
+    p = Path(path)
+    if p.is_dir():
+        for cand in (p / "model", p / "checkpoints" / "last"):
+            if checkpoint_paths(cand)[1].is_file():
+                return cand
+        raise CheckpointError(f"{p}: a folder with neither model.json nor checkpoints/last.json")
+    return p
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The JSON sidecar of a checkpoint, validated (format, version, :class:`CheckpointMeta`)."""
+    path = resolve_checkpoint(path)
     _, jpath = checkpoint_paths(path)
     if not jpath.is_file():
         raise CheckpointError(
@@ -231,7 +244,9 @@ def _read_tensors(tpath: Path, jpath: Path, meta: dict[str, Any], notice: str | 
 def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
     """Load a checkpoint, checking the sidecar's schema, the tensor file's size and sha256 against the
     sidecar and the sidecar's content against the hash in the tensor file (``verify=False``: schema only).
+    ``path``: a stem, either file of the pair, or a run folder (:func:`resolve_checkpoint`).
     """
+    path = resolve_checkpoint(path)
     tpath, jpath = checkpoint_paths(path)
     if verify:
         tpath, jpath, meta = read_pair_meta(path, FORMAT, FORMAT_VERSION, "virtnet checkpoint")
@@ -252,6 +267,7 @@ def load_checkpoint_with_fallback(path: str | Path) -> Checkpoint:
     checkpoint's CheckpointError when neither is valid (or there is no ``.prev``). Stale temporary files
     in the folder are ignored (remove them with :func:`clean_stale_temp`)."""
     what = "virtnet checkpoint"
+    path = resolve_checkpoint(path)
     try:
         return load_checkpoint(path)
     except CheckpointError as latest:

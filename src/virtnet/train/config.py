@@ -1,4 +1,6 @@
-"""``train:`` section of a run config."""
+"""``train:`` section of a run config. Numbers are strict (``epochs: true`` or ``1e30`` are errors, see
+:class:`virtnet.schema.StrictNumbers`) and bounded (``epochs`` at most 10**6, ``batch_size`` at most
+2**20)."""
 
 from __future__ import annotations
 
@@ -6,14 +8,19 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from virtnet.config import Strict
+from virtnet.schema import Strict
+
+MAX_EPOCHS = 1_000_000
+"""The most epochs per phase a config may ask for."""
+MAX_BATCH = 1 << 20
+"""The largest batch size (per task and step)."""
 
 
 class TrainConfig(Strict):
     """Options of the training loop (shared by every method)."""
 
-    epochs: int = Field(default=10, ge=1)  # epochs per phase
-    batch_size: int = Field(default=64, ge=1)  # per task and step
+    epochs: int = Field(default=10, ge=1, le=MAX_EPOCHS)  # epochs per phase
+    batch_size: int = Field(default=64, ge=1, le=MAX_BATCH)  # per task and step
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(default=0.1, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)  # SGD only
@@ -28,7 +35,8 @@ class TrainConfig(Strict):
     # (the checkpoints written so far are kept); "warn" logs the first one of each phase, writes a
     # "nonfinite" record to metrics.jsonl and goes on (the weights are then usually NaN)
     nonfinite_loss: Literal["stop", "warn"] = "stop"
-    threads: int | None = Field(default=None, ge=1)  # torch intra-op threads (None: leave as is)
+    # torch intra-op threads; None: the rule of virtnet.threads (idle usable cores, or $VIRTNET_THREADS)
+    threads: int | None = Field(default=None, ge=1, le=1024)
     deterministic: bool = True  # torch.use_deterministic_algorithms while training
     progress: bool = True  # progress bars on a terminal
     log_every: int = Field(default=20, ge=1)  # steps between metric lines in metrics.jsonl
