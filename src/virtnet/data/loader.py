@@ -21,6 +21,14 @@ batches. ``iterate(e, start_step=n)`` therefore yields exactly what ``iterate(e)
 
 A batch gathers the uint8 images by index, scales them to [0, 1], augments them (training only, when the
 task has an :class:`AugmentSpec`) and normalises them with the task's ``mean``/``std``.
+
+Sharding (data-parallel training, ``rank``/``world_size``): every rank builds the same global batch (the
+one a single process would build, augmentation included) and keeps its contiguous slice, rank ``r`` the
+``r``-th of ``world_size`` equal parts; ``batch_size`` stays the global batch of a task. A batch whose size
+``n`` does not divide by ``world_size`` (the last, smaller batch of a pass) is first padded to the next
+multiple with the first images of the same pass's order, as ``torch.utils.data.DistributedSampler`` does:
+the shards then have equal sizes, so DDP's mean of the ranks' gradients is the gradient of the padded global
+batch's mean loss. A rank's batches are a pure function of ``(seed, epoch, step, rank, world_size)``.
 """
 
 from __future__ import annotations
@@ -82,6 +90,8 @@ class MultiTaskLoader:
         drop_last: drop the incomplete last batch of each pass over a task.
         tasks: restrict the loader to these tasks (names or indices into ``taskset``), e.g. the current
             task of a sequential phase.
+        rank, world_size: yield rank ``rank``'s shard of every global batch (see the module docstring);
+            ``world_size`` must divide ``batch_size``.
 
     Raises:
         ConfigError: invalid batch size, seed or sampling.
@@ -98,10 +108,19 @@ class MultiTaskLoader:
         augment: bool = True,
         drop_last: bool = False,
         tasks: Sequence[str | int] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         ts = taskset if isinstance(taskset, TaskSet) else TaskSet(list(taskset))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} of world size {world_size}: expected 0 <= rank < world size")
+        if batch_size % world_size:
+            raise ConfigError(
+                f"train.batch_size: {batch_size} (the global batch per task) does not divide among "
+                f"{world_size} processes; use a multiple of {world_size}"
+            )
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
         if sampling not in SAMPLINGS:
@@ -122,6 +141,7 @@ class MultiTaskLoader:
         self.sampling: str = sampling
         self.augment = augment
         self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
         self._stats = [_stats(t) for t in self.tasks]
         self._nbatches: list[int] = []
         for t in self.tasks:
@@ -179,11 +199,30 @@ class MultiTaskLoader:
         cycle, k = divmod(j, b)
         if ti not in cache or cache[ti][0] != cycle:
             cache[ti] = (cycle, self._perm(epoch, ti, cycle))
-        idx = cache[ti][1][k * self.batch_size : (k + 1) * self.batch_size]  # (B,)
+        perm = cache[ti][1]
+        idx = perm[k * self.batch_size : (k + 1) * self.batch_size]  # (B,)
         gen = None
         if self.augment and task.augment != AugmentSpec():
             gen = make_generator(self.seed, epoch, step, task.name, "augment")
-        return _make_batch(task, task.train, idx, self._stats[ti], gen)
+        if self.world_size == 1:
+            return _make_batch(task, task.train, idx, self._stats[ti], gen)
+        return self._shard(task, perm, idx, ti, gen)
+
+    def _shard(
+        self, task: Task, perm: torch.Tensor, idx: torch.Tensor, ti: int, gen: torch.Generator | None
+    ) -> Batch:
+        """This rank's slice of the global batch ``idx``, padded to a multiple of the world size with the
+        first images of the pass's order ``perm``."""
+        w = self.world_size
+        pad = -len(idx) % w
+        if pad:
+            idx = torch.cat([idx, perm[torch.arange(pad) % len(perm)]])
+        part = len(idx) // w
+        lo, hi = self.rank * part, (self.rank + 1) * part
+        if gen is None:  # no augmentation: only this rank's images need building
+            return _make_batch(task, task.train, idx[lo:hi], self._stats[ti], None)
+        b = _make_batch(task, task.train, idx, self._stats[ti], gen)  # augmentation draws for the whole batch
+        return Batch(b.task, b.x[lo:hi], b.y[lo:hi], None if b.mask is None else b.mask[lo:hi])
 
     def iterate(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Batch]]:
         """The batches of ``epoch`` from ``start_step`` on.

@@ -39,6 +39,7 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device  # batches are built on the CPU
     rows = []
     try:
         for task in tasks or taskset.names:
@@ -53,7 +54,8 @@ def evaluate(
             for lv in chosen:
                 correct = total = 0
                 for b in batches:
-                    c, n = accuracy_counts(method.predict(model, b.x, task, lv.index), b.y, b.mask)
+                    logits = method.predict(model, b.x.to(device), task, lv.index).cpu()
+                    c, n = accuracy_counts(logits, b.y, b.mask)
                     correct += c
                     total += n
                 rows.append(
