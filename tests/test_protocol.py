@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from conftest import make_taskset
 from torch import nn
 
 from virtnet import api
