@@ -233,9 +233,10 @@ class Method:
         ``ctx.rebuild_optimizer(...)``. Receives the unwrapped model."""
 
     def varying_parameters(self, phase: Phase) -> bool:
-        """True when the set of parameters a step uses changes from step to step within ``phase`` (DDP
-        then needs ``find_unused_parameters``). Steps that sample one task at a time are handled by the
-        loop; a method that e.g. samples a level per step says so here."""
+        """True when some parameter the phase's optimizers hold gets no gradient in some step of ``phase``
+        (the set a step uses varies, or an optimizer holds parameters no step uses): DDP then needs
+        ``find_unused_parameters``. Steps that sample one task at a time are handled by the loop; a method
+        that e.g. samples a level per step says so here."""
         return False
 
     # ---- inference ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ Rules for data-parallel training (README, "Multi-process and multi-machine train
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -159,7 +160,9 @@ def wrap(step: StepModule, runtime: Any, unused: bool) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    return DDP(step, device_ids=ids, broadcast_buffers=False, find_unused_parameters=unused)
+    with warnings.catch_warnings():  # broadcast_buffers=False is deprecated but its replacement syncs at init
+        warnings.simplefilter("ignore", FutureWarning)
+        return DDP(step, device_ids=ids, broadcast_buffers=False, find_unused_parameters=unused)
 
 
 # ---- checkpoint records ------------------------------------------------------------------------------------

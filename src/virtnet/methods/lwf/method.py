@@ -69,6 +69,9 @@ class LwF(SequentialMethod):
             out.append(Phase(f"task-{t}", [t], len(out), {"learned": tasks[:i]}))
         return out
 
+    def varying_parameters(self, phase: Phase) -> bool:
+        return True  # its optimizer holds every head, and the heads of tasks not learned yet get no gradient
+
     def on_phase_start(self, model: nn.Module, phase: Phase) -> None:
         self._teacher = None
         if phase.info["learned"] and not phase.info.get("warmup"):

@@ -64,6 +64,9 @@ class GroupedPackNet(UnitMethod):
             p = trunk[name]
             self._frozen.append((p, mask, p.detach().clone()))
 
+    def varying_parameters(self, phase: Phase) -> bool:
+        return True  # its optimizer holds every parameter; those outside the task's route get no gradient
+
     def training_step(
         self, model: nn.Module, batches: dict[str, Batch], phase: Phase
     ) -> dict[str, torch.Tensor]:
