@@ -18,9 +18,9 @@ from virtnet.backbones.base import TaskSpec
 from virtnet.backbones.registry import build_multitask
 from virtnet.data.core import Batch
 from virtnet.errors import ConfigError
-from virtnet.nn.compact import compact
 from virtnet.methods.base import Level, Method, MethodConfig, Phase, task_loss
 from virtnet.methods.common.virtual import VirtualNet
+from virtnet.nn.compact import compact
 
 
 class UnitsConfig(MethodConfig):
