@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -154,3 +155,95 @@ def test_with_batchnorm_in_training_mode_every_rank_holds_one_model(two_processe
     a1 = load_file(str(two_processes / "avg-1.safetensors"))
     for a in (a0, a1):
         assert torch.equal(a["mean"], torch.full((3,), 1.5)) and torch.equal(a["var"], torch.full((3,), 3.0))
+
+
+# ---- torchrun -----------------------------------------------------------------------------------------
+RUN = {
+    "seed": 0,
+    "data": {
+        "tasks": [
+            {"name": "a", "dataset": "synthetic", "options": {"num_classes": 3, "size": 8, "num_train": 32}},
+            {"name": "b", "dataset": "synthetic", "options": {"num_classes": 4, "size": 8, "num_train": 32}},
+        ]
+    },
+    "model": {"name": "resnet", "depth": 8, "width": 0.5, "feature_size": 8},
+    "method": {"name": "joint"},
+    "train": {"epochs": 1, "batch_size": 16, "lr": 0.05, "progress": False, "threads": 1, "eval_every": 0},
+}
+
+
+def torchrun(
+    tmp_path, *args: str, nodes: int = 1, node_args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    import json
+    import shutil
+
+    exe = shutil.which("torchrun")
+    if exe is None:
+        pytest.skip("torchrun is not on PATH")
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(RUN))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VIRTNET_THREADS": "1"}
+    cmd = [
+        exe,
+        *node_args,
+        "-m",
+        "virtnet",
+        "train",
+        str(config),
+        "--output-dir",
+        str(tmp_path / "out"),
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+
+
+@pytest.mark.slow
+def test_torchrun_trains_on_two_processes_and_rank_0_writes_the_files(tmp_path):
+    r = torchrun(tmp_path, node_args=("--nproc-per-node", "2", "--master-port", str(free_port())))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("trained on 2 processes") == 1  # rank 0 prints
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert len([line for line in lines if '"event": "train"' in line]) == 1  # 2 steps, one record, once
+    assert (tmp_path / "out" / "model.json").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_with_a_world_size_that_does_not_divide_the_batch_is_a_one_line_error(tmp_path):
+    r = torchrun(
+        tmp_path,
+        "--set",
+        "train.batch_size=15",
+        node_args=("--nproc-per-node", "2", "--master-port", str(free_port())),
+    )
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("virtnet: error:")]
+    assert ours and set(ours) == {
+        "virtnet: error: train.batch_size: 15 (the global batch per task) does not divide among 2 processes; "
+        "use a multiple of 2"
+    }
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_with_the_c10d_rendezvous(tmp_path):
+    import threading
+
+    port = free_port()
+    results: dict[int, subprocess.CompletedProcess] = {}
+    (tmp_path / "n0").mkdir()
+    (tmp_path / "n1").mkdir()
+
+    def node(i: int) -> None:
+        rdzv = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d")
+        rdzv += ("--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "virtnet-test")
+        results[i] = torchrun(tmp_path / f"n{i}", node_args=rdzv)
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        assert results[i].returncode == 0, results[i].stderr[-2000:]
+    written = [i for i in (0, 1) if (tmp_path / f"n{i}" / "out" / "model.json").is_file()]
+    assert len(written) == 1  # the node that holds rank 0

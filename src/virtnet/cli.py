@@ -123,6 +123,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # under torchrun (WORLD_SIZE > 1) this joins the process group; rank 0 alone prints and writes files
     runtime = Runtime.from_env(cfg.train.device)
+    if cfg.train.batch_size % runtime.world_size:  # one line from rank 0, the others end quietly
+        runtime.close()
+        if not runtime.is_main:
+            raise SystemExit(2)
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} (the global batch per task) does not divide among "
+            f"{runtime.world_size} processes; use a multiple of {runtime.world_size}"
+        )
     try:
         t0 = time.perf_counter()
         run = api.train(cfg, resume=args.resume, allow_changes=args.allow_changes)
