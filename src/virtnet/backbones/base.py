@@ -25,7 +25,6 @@ from torch import nn
 
 from virtnet.errors import BudgetError, ConfigError, DataError, TaskError
 from virtnet.nn import BatchNorm1d, BatchNorm2d, Conv2d, Linear, Route, Routed, UnitPartition, call
-from virtnet.nn.layers import _RoutedBatchNorm, _Sliced
 from virtnet.protocol import MultiTaskModel, TaskSpec, check_input_shape
 
 if TYPE_CHECKING:
@@ -161,7 +160,7 @@ class Backbone(nn.Module, Routed):
     def sliceable_layers(self) -> Iterator[tuple[str, nn.Module]]:
         """Every layer of the trunk whose channels can be split into units."""
         for name, m in self.named_modules():
-            if isinstance(m, (_Sliced, _RoutedBatchNorm)):
+            if isinstance(m, (Conv2d, Linear, BatchNorm1d, BatchNorm2d)):
                 yield name, m
 
     def set_units(self, num_units: int, ratios: list[float] | None = None) -> Partitions:
@@ -172,7 +171,7 @@ class Backbone(nn.Module, Routed):
         than units.
         """
         for _, m in self.sliceable_layers():
-            if isinstance(m, _RoutedBatchNorm):
+            if isinstance(m, (BatchNorm1d, BatchNorm2d)):
                 m.set_partition(UnitPartition.split(m.num_features, num_units, ratios))
             elif isinstance(m, Conv2d):
                 m.set_partitions(
@@ -268,7 +267,7 @@ class MultiTaskNet(nn.Module, MultiTaskModel):
                 raise ConfigError(f"stem '{name}' ({type(stem).__name__}) cannot be split into units")
             stem.set_out_partition(in_part)
         for head in self.heads.values():
-            if isinstance(head, _Sliced):
+            if isinstance(head, Linear):
                 head.set_partitions(feat_part, None)
         return in_part, feat_part
 

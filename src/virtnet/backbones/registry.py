@@ -23,8 +23,8 @@ from virtnet.backbones.resnet26 import ResNet26
 from virtnet.backbones.simple import SimpleConvNet
 from virtnet.backbones.vgg import VGG
 from virtnet.backbones.wrn import WideResNet
-from virtnet.config import Strict
 from virtnet.errors import ConfigError
+from virtnet.schema import Strict
 
 BackboneName = Literal["resnet", "wrn", "vgg", "simpleconvnet", "resnet26"]
 

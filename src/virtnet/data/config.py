@@ -31,7 +31,6 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from virtnet.config import Strict
 from virtnet.data.core import AugmentSpec, Task, TaskSet
 from virtnet.data.datasets import DATASETS, DatasetSplits, get_dataset_spec, load_dataset
 from virtnet.data.scenarios import (
@@ -43,6 +42,7 @@ from virtnet.data.scenarios import (
     make_task,
 )
 from virtnet.errors import ConfigError
+from virtnet.schema import Strict
 
 _MARK = "\x00"
 

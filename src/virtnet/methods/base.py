@@ -323,7 +323,7 @@ def method_names() -> list[str]:
 
 def make_method(name: str, options: dict[str, Any] | None = None) -> Method:
     """Instantiate method ``name`` with its options validated by the method's ``Config``."""
-    from virtnet.config import validate
+    from virtnet.schema import validate
 
     cls = get_method_class(name)
     cfg = validate(cls.Config, options or {}, where="method")

@@ -7,8 +7,8 @@ holding only the channels of the route's selections (the weight blocks gathered 
 norms by the route's private batch norm, adapter convolutions by their fusion, skipped blocks by what
 computes them (the identity). Modules that give None, and plain torch modules, are kept and their children
 cut in turn. The copy computes what ``module(x, route)`` computes, called as ``copy(x)``: the unused
-units' channels are gone from every weight, so it runs faster in proportion (PITFALLS.md: FLOPs fall
-only to become speed-up when weights really shrink).
+units' channels are gone from every weight, so it runs faster in proportion (FLOPs only
+become speed-up when weights really shrink).
 """
 
 from __future__ import annotations

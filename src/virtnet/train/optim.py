@@ -2,8 +2,9 @@
 
 Methods hand the loop parameter groups; a group may carry its own ``lr``, ``weight_decay`` or
 ``lr_scale`` (multiplied into the schedule). Frozen parameters must not be in any group: zeroing a
-gradient does not freeze a weight, because momentum buffers and weight decay still move it
-(PITFALLS.md). Methods that mask parts of a tensor restore them in ``Method.after_step``.
+gradient does not freeze a weight, because momentum buffers and weight decay still move it (a known
+pitfall of public implementations). Methods that mask parts of a tensor restore them in
+``Method.after_step``.
 """
 
 from __future__ import annotations

@@ -794,7 +794,7 @@ class PackNetModel(nn.Module, MultiTaskModel):
     def save_packed(self, path: str | Path) -> Path:
         """Write :meth:`packed_state` to ``<path>.safetensors`` + ``<path>.json`` (sha256, layout);
         returns the JSON sidecar's path."""
-        from virtnet.train.checkpoint import write_pair
+        from virtnet.storage import write_pair
 
         tensors, meta = self.packed_state()
         return write_pair(path, tensors, {"format": PACKED_FORMAT, "format_version": 1, **meta})
@@ -805,7 +805,7 @@ class PackNetModel(nn.Module, MultiTaskModel):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from virtnet.train.checkpoint import read_pair_meta
+        from virtnet.storage import read_pair_meta
 
         tpath, jpath, meta = read_pair_meta(path, PACKED_FORMAT, 1, "packed PackNet model")
         try:

@@ -162,7 +162,7 @@ def save_ownership(omap: OwnershipMap, path: str | Path, tasks: list[str] | None
 
     Returns the JSON sidecar's path.
     """
-    from virtnet.train.checkpoint import write_pair
+    from virtnet.storage import write_pair
 
     meta = {
         "format": FORMAT,
@@ -182,7 +182,7 @@ def load_ownership(omap: OwnershipMap, path: str | Path, tasks: list[str] | None
         CheckpointError: (one line) the files are missing or altered, or the map was saved for a network
             with other prunable layers, shapes, task count or tasks.
     """
-    from virtnet.train.checkpoint import read_pair_meta
+    from virtnet.storage import read_pair_meta
 
     tpath, jpath, meta = read_pair_meta(path, FORMAT, FORMAT_VERSION, "PackNet ownership map")
     saved = [[str(n), [int(d) for d in s]] for n, s in meta.get("layers", [])]

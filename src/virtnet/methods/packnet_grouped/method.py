@@ -75,7 +75,7 @@ class GroupedPackNet(UnitMethod):
         return {"loss": loss, f"loss/{task}": loss.detach()}
 
     def after_step(self, model: nn.Module, phase: Phase) -> None:
-        """Put the frozen entries back: momentum and weight decay must not move them (PITFALLS.md)."""
+        """Put the frozen entries back: momentum and weight decay must not move them."""
         with torch.no_grad():
             for p, mask, saved in self._frozen:
                 p.copy_(torch.where(mask, saved, p))
