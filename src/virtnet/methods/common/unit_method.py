@@ -28,7 +28,6 @@ class UnitsConfig(MethodConfig):
 
     num_units: int | None = Field(default=None, ge=1, le=4096)  # k (default: the number of tasks)
     unit_ratios: list[float] | None = None  # relative unit sizes (default: equal)
-    level_weights: list[float] | None = None  # loss weight per level 1..k (default: 1 each, as eq. 4)
 
     @model_validator(mode="after")
     def _check_units(self) -> UnitsConfig:
@@ -41,6 +40,12 @@ class UnitsConfig(MethodConfig):
         if self.unit_ratios is not None and any(r <= 0 for r in self.unit_ratios):
             raise ValueError("unit_ratios must be positive")
         return self
+
+
+class LevelsConfig(UnitsConfig):
+    """The options of the methods that train every level at once (DVN eq. 4, NestedNet)."""
+
+    level_weights: list[float] | None = None  # loss weight per level 1..k (default: 1 each, as eq. 4)
 
 
 def build_virtual(
@@ -87,9 +92,10 @@ class UnitMethod(Method):
         k = self.num_units(specs)
         if self.config.unit_ratios is not None and len(self.config.unit_ratios) != k:
             raise ConfigError(f"method.unit_ratios: {len(self.config.unit_ratios)} ratios for {k} units")
-        if self.config.level_weights is not None and len(self.config.level_weights) != k:
+        weights = self.config.level_weights if isinstance(self.config, LevelsConfig) else None
+        if weights is not None and len(weights) != k:
             raise ConfigError(
-                f"method.level_weights: {len(self.config.level_weights)} weights for {k} levels"
+                f"method.level_weights: {len(weights)} weights for {k} levels"
             )
         return build_virtual(
             specs, backbone, k, self.orders(specs, k), self.offered(specs, k), self.config.unit_ratios
@@ -133,4 +139,4 @@ class UnitMethod(Method):
         return compact(model.task_network(task, lv.index), lv.route)
 
 
-__all__ = ["UnitMethod", "UnitsConfig", "build_virtual"]
+__all__ = ["LevelsConfig", "UnitMethod", "UnitsConfig", "build_virtual"]

@@ -31,12 +31,12 @@ from virtnet.data.core import Batch
 from virtnet.errors import ConfigError
 from virtnet.methods.base import Phase, register
 from virtnet.methods.common.distill import as_input_of, distillation_loss, frozen_copy
-from virtnet.methods.common.unit_method import UnitMethod, UnitsConfig
+from virtnet.methods.common.unit_method import LevelsConfig, UnitMethod
 from virtnet.methods.common.units import check_order, rule_orders
 from virtnet.methods.common.virtual import VirtualNet
 
 
-class DVNConfig(UnitsConfig):
+class DVNConfig(LevelsConfig):
     """``method:`` options of ``dvn``."""
 
     orders: dict[str, list[int]] | None = None  # explicit unit order per task (default: the eq. 3 rule)

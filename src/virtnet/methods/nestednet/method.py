@@ -9,10 +9,10 @@ from typing import Literal
 from virtnet.backbones.base import TaskSpec
 from virtnet.errors import ConfigError
 from virtnet.methods.base import register
-from virtnet.methods.common.unit_method import UnitMethod, UnitsConfig
+from virtnet.methods.common.unit_method import LevelsConfig, UnitMethod
 
 
-class NestedNetConfig(UnitsConfig):
+class NestedNetConfig(LevelsConfig):
     """``method:`` options of ``nestednet``: ``multi_task`` gives task i level i of one shared order;
     ``single_task`` gives every task all levels of that one order."""
 
