@@ -2,13 +2,34 @@
 
 Every benchmark writes ``docs/results/<name>.json`` and ``docs/results/<name>.md`` with the exact command,
 the seed and the machine, the JSON as {"command", "seed", "machine", "rows": [{"method", "scenario",
-"task", "level", "accuracy", "params", "flops", ...}]}.
+"task", "level", "accuracy", "params", "flops", ...}], "claims": [...]}.
+
+Claims (issue 15): every results file carries ``claims``, a list of ``{"id", "statement", "target",
+"measured", "met"}`` computed from the file's own rows by the benchmark's claims function, and its ``.md``
+shows the same table first (after the title and the meta lines). A benchmark builds them with
+:func:`claim` (numeric target: ``met`` is computed) or :func:`text_claim` (a string target, only where no
+number fits) and passes them to ``write_results(..., claims=...)``, or writes them into existing files with
+:func:`write_claims` (what ``benchmarks/add_claims.py`` does from the stored rows)::
+
+    def claims(rows, meta):
+        gap = ind - dvn                                        # from the rows
+        return [claim("dvn_j1.all_units_gap.mnist", "DVN's all-unit level within 0.5 points of ...",
+                      "<=", 0.5, gap)]
+
+    write_results("dvn_j1", rows, seed, out, extra=meta, claims=claims(rows, meta))
+
+``measured`` is rounded to 6 decimals (float noise of differences of percentages) before ``met`` is
+computed, so ``met == measured op value`` holds on the stored numbers (what
+``../shared/tools/check_results.py`` checks); a measurement that does not exist is ``None`` and never met.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import operator
+import re
 import shlex
 import sys
 import time
@@ -44,7 +65,11 @@ def write_results(
     out: str | None = None,
     extra: dict[str, Any] | None = None,
     notes: str = "",
+    claims: list[dict[str, Any]] | None = None,
 ) -> Path:
+    """Write ``<stem>.json``, ``.csv`` and ``.md`` (stem: ``out`` or docs/results/<name>); with ``claims``,
+    also the claims (see :func:`write_claims`; a benchmark that rewrites the .md afterwards calls
+    write_claims itself after that)."""
     from virtnet.cost import machine_info, write_report
 
     stem = Path(out) if out else RESULTS / name
@@ -60,7 +85,157 @@ def write_results(
     if notes:
         meta["notes"] = notes
     write_report(rows, stem, meta)
+    if claims is not None:
+        write_claims(stem, claims)
     return stem
+
+
+# ---- claims ----------------------------------------------------------------------------------------
+
+OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
+#: issue 15's floors for baselines of about 0.1-0.3 M parameters (test accuracy, %), per dataset
+BASELINE_FLOORS = {"mnist": 99.3, "fashion_mnist": 92.0, "kmnist10k": 97.0, "digits": 98.5}
+
+
+def _number(x: Any) -> float | int | None:
+    """``x`` as a finite number rounded to 6 decimals, else None (missing, NaN, not a number)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    if isinstance(x, int):
+        return x
+    if not math.isfinite(x):
+        return None
+    r = round(float(x), 6)
+    return 0.0 if r == 0 else r  # no -0.0
+
+
+def claim(id: str, statement: str, op: str, value: float, measured: Any) -> dict[str, Any]:
+    """One claim with a numeric target: ``met`` = ``measured op value``; False when ``measured`` is None.
+
+    Args:
+        id: unique within the file, dotted, e.g. ``dvn_j1.all_units_gap.mnist``.
+        statement: what is claimed and what ``measured`` is (its unit and sign convention).
+        op: one of ``<=``, ``>=``, ``<``, ``>``, ``==``.
+        value: the target.
+        measured: the number computed from the rows (rounded to 6 decimals), or None when not measured.
+    """
+    if op not in OPS:
+        raise ValueError(f"claim {id!r}: op must be one of {sorted(OPS)}, got {op!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"claim {id!r}: target value must be a finite number, got {value!r}")
+    m = _number(measured)
+    return {
+        "id": id,
+        "statement": statement,
+        "target": {"op": op, "value": value},
+        "measured": m,
+        "met": bool(m is not None and OPS[op](m, value)),
+    }
+
+
+def text_claim(id: str, statement: str, target: str, measured: Any, met: bool) -> dict[str, Any]:
+    """A claim whose target is a sentence (only where no numeric target fits); never met when measured is
+    None."""
+    m = _number(measured) if isinstance(measured, (int, float)) else measured
+    return {
+        "id": id,
+        "statement": statement,
+        "target": target,
+        "measured": m,
+        "met": bool(met and m is not None),
+    }
+
+
+def floor_claims(prefix: str, accuracies: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
+    """Issue 15's baseline floors: one claim per (method, task) whose task is one of BASELINE_FLOORS'
+    datasets (``<dataset>_fine``: the same labels); ``accuracies`` maps (method, task) to test accuracy."""
+    out = []
+    for (method, task), acc in accuracies.items():
+        dataset = task[: -len("_fine")] if task.endswith("_fine") else task
+        if dataset in BASELINE_FLOORS:
+            floor = BASELINE_FLOORS[dataset]
+            out.append(
+                claim(
+                    f"{prefix}.baseline_floor.{method}.{task}",
+                    f"the {method} baseline on {task} reaches issue 15's floor for {dataset} "
+                    f"(test accuracy, %, >= {floor})",
+                    ">=",
+                    floor,
+                    acc,
+                )
+            )
+    return out
+
+
+CLAIMS_BEGIN = "<!-- claims: generated by benchmarks/_common.py write_claims -->"
+CLAIMS_END = "<!-- /claims -->"
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v != 0 and abs(v) < 1e-3:
+            return f"{v:.3g}"
+        return f"{v:.4f}".rstrip("0").rstrip(".")
+    return str(v).replace("|", "\\|")
+
+
+def claims_markdown(claims: list[dict[str, Any]]) -> str:
+    """The claims table (between markers, so that it can be replaced)."""
+    n_met = sum(c["met"] for c in claims)
+    lines = [
+        CLAIMS_BEGIN,
+        "## Claims",
+        "",
+        f"{n_met} of {len(claims)} met. `measured` is computed from this file's rows.",
+        "",
+        "| id | statement | target | measured | met |",
+        "|---|---|---|---:|---|",
+    ]
+    for c in claims:
+        t = c["target"]
+        target = f"{t['op']} {_cell(t['value'])}" if isinstance(t, dict) else _cell(t)
+        lines.append(
+            f"| `{c['id']}` | {_cell(c['statement'])} | {target} | {_cell(c['measured'])} | "
+            f"{'**yes**' if c['met'] else 'no'} |"
+        )
+    lines.append(CLAIMS_END)
+    return "\n".join(lines)
+
+
+def insert_claims_markdown(text: str, claims: list[dict[str, Any]]) -> str:
+    """``text`` (a results .md) with its claims section replaced, or inserted after the title and the
+    meta lines (the ``- command: ...`` paragraph; after the title when there is none)."""
+    text = re.sub(re.escape(CLAIMS_BEGIN) + r".*?" + re.escape(CLAIMS_END) + r"\n*", "", text, flags=re.S)
+    lines = text.split("\n")
+    at = next((i for i, line in enumerate(lines) if line.startswith("- command:")), None)
+    if at is None:
+        at = next((i for i, line in enumerate(lines) if line.startswith("# ")), -1)
+    while at + 1 < len(lines) and lines[at + 1].strip():
+        at += 1
+    block = ["", *claims_markdown(claims).split("\n")]
+    if at + 1 >= len(lines) or lines[at + 1].strip():
+        block.append("")
+    return "\n".join(lines[: at + 1] + block + lines[at + 1 :])
+
+
+def write_claims(stem: str | Path, claims: list[dict[str, Any]]) -> None:
+    """Put ``claims`` into ``<stem>.json`` (key ``claims``, before ``rows``; everything else unchanged) and
+    its table into ``<stem>.md`` (replacing an earlier one)."""
+    stem = Path(stem)
+    ids = [c["id"] for c in claims]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate claim ids: {sorted({i for i in ids if ids.count(i) > 1})}")
+    jpath, mpath = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
+    doc = json.loads(jpath.read_text())
+    out = {k: v for k, v in doc.items() if k not in ("claims", "rows")}
+    out["claims"] = claims
+    out["rows"] = doc["rows"]
+    out.update({k: v for k, v in doc.items() if k not in out})
+    jpath.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
+    if mpath.is_file():
+        mpath.write_text(insert_claims_markdown(mpath.read_text(), claims))
 
 
 class Timer:

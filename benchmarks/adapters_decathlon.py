@@ -45,7 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import Timer, parser, read_mergeable, write_results  # noqa: E402
+from _common import Timer, claim, floor_claims, parser, read_mergeable, write_results  # noqa: E402
 
 from virtnet import api  # noqa: E402
 from virtnet.config import RunConfig  # noqa: E402
@@ -372,6 +372,7 @@ def main() -> None:
     checks = targets_met(summary, acc)
     for k, v in checks.items():
         print(f"target {k}: {v}", flush=True)
+    found = claims(rows, {"summary": summary})
     stem = write_results(
         "adapters_decathlon",
         rows,
@@ -389,6 +390,7 @@ def main() -> None:
         notes="params: the domain's deployed (fused) network; domain_params: what the domain adds to the "
         "universal network; the 'mean' rows give every target's deployment in total (params) and relative "
         "to one network (relative_params). score: decathlon score against fine-tuning's errors.",
+        claims=found,
     )
     print(f"wrote {stem}.json and {stem}.md", flush=True)
 
@@ -472,6 +474,109 @@ def targets_met(summary: dict[str, dict[str, Any]], acc: dict[str, dict[str, flo
     return out
 
 
+#: "about half the adapter parameters": at most this fraction of the parallel adapters'
+HALF = 0.55
+
+
+def claims(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The paper's claims from the 'mean' rows (mean test accuracy over the target domains, parameters of
+    every target's deployment relative to one network): parallel >= series; parallel and series within 1
+    point of fine-tuning with at most 2x one network's parameters; each parallel SVD variant within 0.5
+    points of parallel with about half (at most HALF) its adapter parameters (the adapter counts, which
+    have no row, from the file's ``summary``); the fine-tuning baselines' and the universal network's
+    floors (issue 15)."""
+    mean = {r["method"]: r for r in rows if r["task"] == "mean"}
+    summary = (meta or {}).get("summary") or {}
+
+    def acc(m: str) -> float | None:
+        return mean[m]["accuracy"] if m in mean else None
+
+    def diff(a: str, b: str) -> float | None:
+        return None if acc(a) is None or acc(b) is None else acc(a) - acc(b)
+
+    out = [
+        claim(
+            "adapters.parallel_vs_series",
+            "parallel adapters are at least as accurate as series adapters on average (measured: mean test "
+            "accuracy, parallel - series, points)",
+            ">=",
+            0.0,
+            diff("parallel", "series"),
+        )
+    ]
+    for m in ("parallel", "series"):
+        out.append(
+            claim(
+                f"adapters.{m}_vs_finetune",
+                f"{m} adapters are within 1 point of fine-tuning on average (measured: mean test accuracy, "
+                f"{m} - fine-tuning, points)",
+                ">=",
+                -1.0,
+                diff(m, "finetune"),
+            )
+        )
+        out.append(
+            claim(
+                f"adapters.{m}_params",
+                f"{m} adapters for every target take at most 2x one network's parameters (measured: "
+                "parameters of all targets' deployment / one network)",
+                "<=",
+                2.0,
+                mean[m].get("relative_params") if m in mean else None,
+            )
+        )
+    base = (summary.get("parallel") or {}).get("adapter_params")
+    for m in [m for m in mean if m.startswith("parallel SVD")]:
+        key = re.sub(r"[^A-Za-z0-9]+", "_", m[len("parallel ") :]).strip("_").lower()
+        out.append(
+            claim(
+                f"adapters.{key}_vs_parallel",
+                f"{m} is within 0.5 points of parallel adapters on average (measured: mean test accuracy, "
+                "SVD - parallel, points)",
+                ">=",
+                -0.5,
+                diff(m, "parallel"),
+            )
+        )
+        own = (summary.get(m) or {}).get("adapter_params")
+        out.append(
+            claim(
+                f"adapters.{key}_adapter_params",
+                f"{m} keeps about half the parallel adapters' parameters (measured: its adapter parameters / "
+                f"parallel's, from the file's summary; target <= {HALF})",
+                "<=",
+                HALF,
+                None if own is None or not base else own / base,
+            )
+        )
+    baselines = {
+        (r["method"], r["task"]): r["accuracy"]
+        for r in rows
+        if r["method"] in ("finetune", "universal (pretrained)") and r["task"] != "mean"
+    }
+    return out + floor_claims("adapters", {(m.split()[0], t): a for (m, t), a in baselines.items()})
+
+
+def transfer_claims(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The transfer-learning curve (the paper's Fig. 4): parallel adapters at least as accurate as
+    fine-tuning at every fraction of the training data below the whole."""
+    acc = {(r["method"], r["fraction"]): r["accuracy"] for r in rows}
+    out = []
+    for f in sorted({fr for (_, fr) in acc if fr < 1.0}):
+        a, b = acc.get(("parallel", f)), acc.get(("finetune", f))
+        out.append(
+            claim(
+                f"adapters_transfer.parallel_vs_finetune.{100 * f:g}pct",
+                f"with {100 * f:g} % of the training subsample, parallel adapters are at least as accurate "
+                "as fine-tuning (measured: parallel - fine-tuning, test accuracy points)",
+                ">=",
+                0.0,
+                None if a is None or b is None else a - b,
+            )
+        )
+    return out
+
+
 def curve(
     args: Any, work: Path, root: Any, source_ckpt: str, model_cfg: dict, acc: dict, specific: dict, task: Any
 ) -> None:
@@ -535,6 +640,7 @@ def curve(
         extra={"domain": dom, "source": args.source, "backbone": f"resnet26 width {args.width}"},
         notes="fraction of the --train-size training subsample (stratified, seeded); params: what the domain "
         "adds (fine-tuning: a whole network); the 100% points are the decathlon runs.",
+        claims=transfer_claims(rows),
     )
     plot_curve(Path(f"{stem}.json"), Path(f"{stem}.png"))
     print(f"wrote {stem}.json, .md and .png", flush=True)

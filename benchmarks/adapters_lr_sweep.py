@@ -19,7 +19,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import Timer, parser, write_results  # noqa: E402
+from _common import Timer, claim, parser, write_results  # noqa: E402
 from adapters_decathlon import run, source_args, train_cfg  # noqa: E402
 
 from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
@@ -90,8 +90,36 @@ def main() -> None:
         extra={"chosen_lr": chosen, "domain": args.domain, "epochs": args.epochs, "seconds": timer()},
         notes="accuracy: test (not used for the choice); val_accuracy: the held-out 5% of the training "
         "subsample, on which each method's learning rate is chosen.",
+        claims=claims(rows),
     )
     print(f"wrote {stem}.json and {stem}.md ({timer():.0f}s)", flush=True)
+
+
+#: the learning rates benchmarks/adapters_decathlon.py uses (its --lr-finetune, --lr-adapters, --lr-series)
+DECATHLON_LR = {"finetune": 0.1, "parallel": 0.3, "series": 0.3}
+
+
+def claims(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per method: the learning rate with the best validation accuracy (the first of a tie, as the sweep
+    chooses) is the one adapters_decathlon.py uses."""
+    out = []
+    for m in dict.fromkeys(r["method"] for r in rows):
+        best = None
+        for r in rows:
+            if r["method"] == m and (best is None or r["val_accuracy"] > best["val_accuracy"]):
+                best = r
+        if m in DECATHLON_LR and best is not None:
+            out.append(
+                claim(
+                    f"adapters_lr_sweep.chosen_lr.{m}",
+                    f"{m}: the learning rate chosen on the validation split (never the test split) is the "
+                    f"decathlon's {DECATHLON_LR[m]} (measured: the lr of the best validation accuracy)",
+                    "==",
+                    DECATHLON_LR[m],
+                    best["lr"],
+                )
+            )
+    return out
 
 
 def pretrain(args: Any, work: Path) -> tuple[str, dict[str, Any]]:

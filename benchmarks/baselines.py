@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import parser, write_results  # noqa: E402
+from _common import floor_claims, parser, write_results  # noqa: E402
 
 from virtnet import api  # noqa: E402
 from virtnet.config import RunConfig  # noqa: E402
@@ -98,8 +98,15 @@ def main() -> None:
             "note_seconds": "seconds_per_epoch: median over epochs; one epoch = one pass over the "
             "larger training set with one batch of every task per step",
         },
+        claims=claims(rows),
     )
     print(f"wrote {stem}.json and {stem}.md")
+
+
+def claims(rows: list[dict], meta: dict | None = None) -> list[dict]:
+    """This benchmark states no target of its own: its claims are issue 15's baseline floors, per method
+    and task."""
+    return floor_claims("baselines", {(r["method"], r["task"]): r["accuracy"] for r in rows})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import add_training_args, parser, run_method, sgd_train, write_results  # noqa: E402
+from _common import add_training_args, claim, parser, run_method, sgd_train, write_results  # noqa: E402
 
 from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
 
@@ -91,10 +91,62 @@ def main() -> None:
             "epochs": args.epochs,
             "train_size_per_task": n,
         },
+        claims=claims(rows),
     )
     with open(f"{stem}.md", "a") as f:
         f.write("\n## Table 2 at small scale\n\n" + text + "\n")
     print(text)
+
+
+#: the paper's Table 2 (ResNet-42, 4 units): density (%) of levels 1..4
+PAPER_DENSITY = {1: 6.4, 2: 25.2, 3: 56.4, 4: 100.0}
+
+
+def claims(rows: list[dict], meta: dict | None = None) -> list[dict]:
+    """J2 / Table 2 from the rows: the level densities are the paper's (within 0.1 points), every task's
+    accuracy does not fall from one level to the next (the nested hierarchy), and the exported level 1
+    is faster than the task's full level at batch 64."""
+    out = []
+    levels = sorted({r["level"] for r in rows})
+    for lv in levels:
+        if lv in PAPER_DENSITY and len(levels) == len(PAPER_DENSITY):
+            worst = max(abs(100 * r["density"] - PAPER_DENSITY[lv]) for r in rows if r["level"] == lv)
+            out.append(
+                claim(
+                    f"dvn_j2.density.level{lv}",
+                    f"level {lv}'s density is the paper's Table 2 value {PAPER_DENSITY[lv]} % (measured: the "
+                    "largest |density - paper| over tasks, points)",
+                    "<=",
+                    0.1,
+                    worst,
+                )
+            )
+    for t in dict.fromkeys(r["task"] for r in rows):
+        acc = {r["level"]: r["accuracy"] for r in rows if r["task"] == t}
+        lv = sorted(acc)
+        steps = [acc[b] - acc[a] for a, b in zip(lv, lv[1:], strict=False)]
+        out.append(
+            claim(
+                f"dvn_j2.levels_monotone.{t}",
+                f"{t}: accuracy does not fall from one level to the next (measured: the smallest "
+                "accuracy(level l+1) - accuracy(level l), points)",
+                ">=",
+                0.0,
+                min(steps) if steps else None,
+            )
+        )
+        first = next((r for r in rows if r["task"] == t and r["level"] == lv[0]), None)
+        out.append(
+            claim(
+                f"dvn_j2.level1_speedup_b64.{t}",
+                f"{t}: the exported level 1 runs faster than the task's full level at batch 64 (measured: "
+                "latency(full) / latency(level 1); the paper: 5.8x at 6.4 % density on a GPU)",
+                ">",
+                1.0,
+                None if first is None else first.get("speedup_b64"),
+            )
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -27,7 +27,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import add_training_args, parser, run_method, sgd_train, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    add_training_args,
+    claim,
+    floor_claims,
+    parser,
+    run_method,
+    sgd_train,
+    write_results,
+)
 
 from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
 
@@ -108,6 +116,7 @@ def main() -> None:
             "dvn_options": json.loads(args.dvn_options),
             "summary": summary,
         },
+        claims=claims(rows),
     )
     with open(f"{stem}.md", "a") as f:
         f.write("\n## Summary\n\n" + summary["markdown"] + "\n")
@@ -162,6 +171,49 @@ def summarise(rows: list[dict], tasks: list[str]) -> dict:
     if ratio is not None:
         text += f"\n- DVN's parameters / the two individual networks': {ratio:.3f} (target about 0.5)"
     return {"markdown": text, "checks": checks, "dvn_over_individual_params": ratio}
+
+
+#: "half the parameters" allows this much for what DVN cannot share: each task's stem, head and batch norms
+PARAMS_EPSILON = 0.02
+
+
+def claims(rows: list[dict], meta: dict | None = None) -> list[dict]:
+    """The paper's J1 / H1 claims (issue 3's targets) from the rows: per task, DVN's all-unit level within
+    0.5 points of the individual network and its single-unit level within 2 points; DVN's parameters at
+    most half (+ PARAMS_EPSILON) of the individual networks' together; the individual baselines' floors."""
+    prefix = "dvn_" + str(rows[0]["scenario"]).lower()
+    acc = {(r["method"], r["task"], r["level"]): r["accuracy"] for r in rows}
+    total = {r["method"]: r["total_params"] for r in rows}
+    top = max((r["level"] for r in rows if r["method"] == "dvn"), default=None)
+    out = []
+    for t in dict.fromkeys(r["task"] for r in rows):
+        ind = acc.get(("individual", t, 1))
+        for what, level, bound in (("all_units", top, 0.5), ("single_unit", 1, 2.0)):
+            d = acc.get(("dvn", t, level))
+            out.append(
+                claim(
+                    f"{prefix}.{what}_gap.{t}",
+                    f"{t}: DVN's {what.replace('_', '-')} level is within {bound:g} points of the individual "
+                    "network (measured: individual - DVN, test accuracy points; negative = DVN better)",
+                    "<=",
+                    bound,
+                    None if ind is None or d is None else ind - d,
+                )
+            )
+    ratio = total["dvn"] / total["individual"] if "dvn" in total and "individual" in total else None
+    out.append(
+        claim(
+            f"{prefix}.params_ratio",
+            "DVN has about half the parameters of the individual networks together (measured: DVN's physical "
+            f"parameters / the individual networks'; target 0.5 + {PARAMS_EPSILON} for the per-task stems, "
+            "heads and batch norms DVN does not share)",
+            "<=",
+            0.5 + PARAMS_EPSILON,
+            ratio,
+        )
+    )
+    ind_acc = {("individual", t): a for (m, t, _), a in acc.items() if m == "individual"}
+    return out + floor_claims(prefix, ind_acc)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import add_training_args, parser, run_method, sgd_train, write_results  # noqa: E402
+from _common import add_training_args, claim, parser, run_method, sgd_train, write_results  # noqa: E402
 
 from virtnet import api  # noqa: E402
 from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
@@ -109,10 +109,47 @@ def main() -> None:
             "epochs_per_task": args.epochs,
             "train_size_per_task": args.train_size,
         },
+        claims=claims(rows),
     )
     with open(f"{stem}.md", "a") as f:
         f.write("\n## Summary\n\n" + text + "\n")
     print(text)
+
+
+def claims(rows: list[dict], meta: dict | None = None) -> list[dict]:
+    """S1 from the final rows: sequential DVN keeps the old task better than LwF (at each of its levels)
+    and learns the new task at least as well as LwF (its full level)."""
+    final = {(r["method"], r["task"], r["level"]): r["accuracy"] for r in rows if r.get("stage") == "final"}
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    old, new = tasks[0], tasks[-1]
+    dvn_levels = sorted(lv for (m, t, lv) in final if m == "dvn" and t == old)
+    lwf_old, lwf_new = final.get(("lwf", old, 1)), final.get(("lwf", new, 1))
+    out = []
+    for lv in dvn_levels:
+        d = final[("dvn", old, lv)]
+        out.append(
+            claim(
+                f"dvn_s1.old_task_vs_lwf.level{lv}",
+                f"the old task ({old}) after learning the new one: DVN's level {lv} at least as accurate as "
+                "LwF (measured: DVN - LwF, test accuracy points)",
+                ">=",
+                0.0,
+                None if lwf_old is None else d - lwf_old,
+            )
+        )
+    top = max((lv for (m, t, lv) in final if m == "dvn" and t == new), default=None)
+    d_new = final.get(("dvn", new, top))
+    out.append(
+        claim(
+            "dvn_s1.new_task_vs_lwf",
+            f"the new task ({new}): DVN's full level at least as accurate as LwF (measured: DVN - LwF, "
+            "test accuracy points)",
+            ">=",
+            0.0,
+            None if lwf_new is None or d_new is None else d_new - lwf_new,
+        )
+    )
+    return out
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import parser, write_results  # noqa: E402
+from _common import claim, parser, write_results  # noqa: E402
 from torch import nn  # noqa: E402
 
 from virtnet.backbones.base import TaskSpec  # noqa: E402
@@ -225,6 +225,7 @@ def main() -> None:
             "backbone": f"WRN-{args.depth}-{args.widen}",
             "repeats": args.repeats,
         },
+        claims=claims(rows, {"summary": summary}),
     )
     md = [
         "",
@@ -245,6 +246,59 @@ def main() -> None:
     with open(f"{stem}.md", "a") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
+
+
+def claims(rows: list[dict], meta: dict | None = None) -> list[dict]:
+    """The speed targets from the rows (the joint-learning step, which has no row, from the file's
+    ``summary``, written by the same run): exported level 1's speed-up over the full network at least 0.95x
+    a plain network's of that shape, and at least the paper's 5.8x; the virtual forward within 1.15x the
+    exported network at every level; the joint step at most 1.2x the summed plain steps."""
+    by = {(r["method"], r["level"]): r for r in rows}
+    l1 = min(r["level"] for r in rows)
+    exp, plain = by.get(("dvn-exported", l1), {}), by.get(("plain-direct", l1), {})
+    e, pl = exp.get("speedup_b64"), plain.get("speedup_b64")
+    out = [
+        claim(
+            "dvn_speed.exported_over_plain_speedup_b64",
+            "the exported level 1 reaches at least 0.95x the speed-up over its full size that a plain "
+            "network of the same shape reaches, batch 64 (measured: the ratio of the two speed-ups)",
+            ">=",
+            0.95,
+            None if e is None or pl is None else e / pl,
+        ),
+        claim(
+            "dvn_speed.exported_level1_speedup_b64",
+            "the exported level 1 runs at least the paper's 5.8x (at 6.4 % density) faster than the full "
+            "network at batch 64 (measured: latency(full) / latency(level 1), on this CPU; the paper's GPU)",
+            ">=",
+            5.8,
+            e,
+        ),
+    ]
+    for b in (64, 1):
+        vals = [r[f"over_exported_b{b}"] for r in rows if r["method"] == "dvn-virtual"]
+        out.append(
+            claim(
+                f"dvn_speed.virtual_over_exported_b{b}",
+                "the in-library virtual forward is within 1.15x the exported network at every level, "
+                f"batch {b} (measured: the worst level's latency ratio)",
+                "<=",
+                1.15,
+                max(vals) if vals else None,
+            )
+        )
+    step = ((meta or {}).get("summary") or {}).get("joint_step_ratio")
+    out.append(
+        claim(
+            "dvn_speed.joint_step_ratio",
+            "one joint-learning step of every level (eq. 4) costs at most 1.2x the summed steps of plain "
+            "networks of the level sizes (measured: ratio of the medians; from the file's summary)",
+            "<=",
+            1.2,
+            step,
+        )
+    )
+    return out
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import parser, read_mergeable, write_results  # noqa: E402
+from _common import claim, floor_claims, parser, read_mergeable, write_claims, write_results  # noqa: E402
 
 from virtnet import api  # noqa: E402
 from virtnet.config import RunConfig  # noqa: E402
@@ -248,10 +248,12 @@ def main() -> None:
             else Path(__file__).resolve().parents[1] / "docs/results/packnet_sequence"
         )
         doc = json.loads(stem.with_name(stem.name + ".json").read_text())
-        write_report(doc["rows"], stem, {k: v for k, v in doc.items() if k != "rows"})  # the plain .md
+        meta = {k: v for k, v in doc.items() if k not in ("rows", "claims")}
+        write_report(doc["rows"], stem, meta)  # the plain .md
         rows = [r for r in doc["rows"] if r["task"] != "(all)"]
         storage = [r for r in doc["rows"] if r["task"] == "(all)"]
         write_summary(stem, rows, storage, doc["acceptance"], doc["orders"], args)
+        write_claims(stem, claims(doc["rows"]))
         return
     for item in filter(None, args.widths.split(",")):
         name, _, w = item.partition("=")
@@ -405,6 +407,7 @@ def main() -> None:
         "accuracy. Rows with task '(all)' are storage rows (model_bytes, bytes_vs_one_network).",
     )
     write_summary(stem, rows, storage_rows, summary, orders, args)
+    write_claims(stem, claims(rows + storage_rows))  # after write_summary, which rewrites the .md
     print(f"wrote {stem}.json and {stem}.md ({elapsed:.0f}s)")
 
 
@@ -477,6 +480,85 @@ def acceptance(
             res["storage_vs_one_network"] = round(st["bytes_vs_one_network"], 4)
             res["storage_at_most_1.1"] = st["bytes_vs_one_network"] <= 1.1
         out[method] = res
+    return out
+
+
+def claims(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The paper's PackNet claims from the rows, per (backbone, order) and PackNet variant: the earlier
+    tasks' accuracy changes by exactly 0.00 after every later task; each task's final accuracy within 2
+    points of its individual network; the packed storage at most 1.1x one network. Then the individual
+    baselines' floors (issue 15), per backbone."""
+    out: list[dict[str, Any]] = []
+    seq = [r for r in rows if r["task"] != "(all)"]
+    storage = [r for r in rows if r["task"] == "(all)"]
+    for backbone, order in dict.fromkeys((r["backbone"], r["scenario"]) for r in seq):
+        mine = [r for r in seq if r["backbone"] == backbone and r["scenario"] == order]
+        ind = {r["task"]: r["accuracy"] for r in mine if r["method"] == "individual"}
+        for method in ("packnet", "packnet_task_bn"):
+            pn = {(r["after_task"], r["task"]): r["accuracy"] for r in mine if r["method"] == method}
+            if not pn:
+                continue
+            idx = {
+                r["task"]: r["after_index"]
+                for r in mine
+                if r["method"] == method and r["task"] == r["after_task"]
+            }
+            tasks = sorted(idx, key=idx.get)
+            key = f"packnet_sequence.{backbone}.{order}.{method}"
+            name = f"{LABEL[method]}, {backbone}, order {order}"
+            changes = [
+                abs(pn[(later, t)] - pn[(t, t)])
+                for i, t in enumerate(tasks)
+                for later in tasks[i + 1 :]
+                if (later, t) in pn
+            ]
+            out.append(
+                claim(
+                    f"{key}.prior_change",
+                    f"{name}: every earlier task's accuracy is exactly unchanged after each later task "
+                    "(measured: the largest |change|, test accuracy points)",
+                    "==",
+                    0.0,
+                    max(changes) if changes else None,
+                )
+            )
+            for t in tasks:
+                final = pn.get((tasks[-1], t))
+                out.append(
+                    claim(
+                        f"{key}.vs_individual.{t}",
+                        f"{name}: {t} after the last task is within 2 points of its individual network "
+                        "(measured: PackNet - individual, test accuracy points)",
+                        ">=",
+                        -2.0,
+                        None if final is None or t not in ind else final - ind[t],
+                    )
+                )
+            st = next(
+                (
+                    s
+                    for s in storage
+                    if s["backbone"] == backbone and s["scenario"] == order and s["method"] == method
+                ),
+                None,
+            )
+            out.append(
+                claim(
+                    f"{key}.storage",
+                    f"{name}: the packed model stores at most 1.1x the bytes of one individual network "
+                    "(measured: bytes / one network's bytes)",
+                    "<=",
+                    1.1,
+                    None if st is None else st.get("bytes_vs_one_network"),
+                )
+            )
+    for backbone in dict.fromkeys(r["backbone"] for r in seq):
+        ind = {
+            ("individual", r["task"]): r["accuracy"]
+            for r in seq
+            if r["backbone"] == backbone and r["method"] == "individual"
+        }
+        out += floor_claims(f"packnet_sequence.{backbone}", ind)
     return out
 
 
