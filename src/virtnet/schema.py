@@ -129,6 +129,8 @@ def _number_problem(ann: Any, v: Any) -> str | None:
         return None
     kind = _kind(ann)
     if kind == "int":
+        if v is None:
+            return "Input should be a valid integer, got None"
         if isinstance(v, bool):
             return "Input should be a valid integer, not a boolean"
         if isinstance(v, float):

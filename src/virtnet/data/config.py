@@ -25,6 +25,7 @@ key-naming messages.
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -42,9 +43,11 @@ from virtnet.data.scenarios import (
     make_task,
 )
 from virtnet.errors import ConfigError
-from virtnet.schema import Strict
+from virtnet.schema import Strict, _number_problem
 
 _MARK = "\x00"
+SYNTHETIC_MAX_BYTES = 2 * 10**9
+"""The largest synthetic dataset (uint8 image bytes) a config may ask for."""
 
 
 def _fail(msg: str) -> PydanticCustomError:
@@ -80,6 +83,24 @@ def _check_options(dataset: str | None, options: dict[str, Any]) -> dict[str, An
     if bad:
         known = ", ".join(spec.option_names) or "none"
         raise _fail(f"unknown option '{bad[0]}' for dataset {dataset} (options: {known})")
+    try:  # the loader's annotations say what each option is: strict numbers, as in every section
+        hints = typing.get_type_hints(spec.load)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: no type check, the loader checks
+        hints = {}
+    for k, v in options.items():
+        problem = _number_problem(hints[k], v) if k in hints else None
+        if problem:
+            raise _fail(f"{k}: {problem}")
+    if dataset == "synthetic":  # generated in memory: bound its size before anything is allocated
+        keys = ("channels", "size", "num_train", "num_test")
+        sizes = {k: options.get(k, spec.option_default(k)) for k in keys}
+        if all(isinstance(v, int) for v in sizes.values()):
+            nc = options.get("num_classes", 1)
+            if any(v < 1 for v in sizes.values()) or (isinstance(nc, int) and nc < 1):
+                raise _fail("synthetic: channels, size, num_train, num_test and num_classes must be positive")
+            n = (sizes["num_train"] + sizes["num_test"]) * sizes["channels"] * sizes["size"] ** 2
+            if n > SYNTHETIC_MAX_BYTES:
+                raise _fail(f"synthetic: {n:.3g} bytes of images, more than {SYNTHETIC_MAX_BYTES:.0e}")
     return options
 
 

@@ -43,6 +43,7 @@ from virtnet.schema import MAX_SEED, format_validation_error
 from virtnet.storage import (  # noqa: F401 (re-exported: existing imports keep working)
     PREV_SUFFIX,
     _atomic_write,
+    _check_tensor_file,
     _contiguous,
     _json_default,
     _sidecar,
@@ -99,8 +100,8 @@ class CheckpointMeta(BaseModel):
     format: Literal["virtnet-checkpoint"]
     format_version: StrictInt
     sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
-    num_bytes: NonNegInt | None = None
-    tensor_file: StrictStr | None = None
+    num_bytes: NonNegInt
+    tensor_file: StrictStr = None  # type: ignore[assignment]
     config: dict[str, Any] = None  # type: ignore[assignment]  # absent: None; present: a mapping
     tasks: Annotated[list[TaskSpecMeta], Field(min_length=1)] = None  # type: ignore[assignment]
     state: StateMeta = None  # type: ignore[assignment]
@@ -248,13 +249,11 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
     """
     path = resolve_checkpoint(path)
     tpath, jpath = checkpoint_paths(path)
+    meta = read_meta(path)  # format, version and schema first: errors name the key
+    if not tpath.is_file():
+        raise CheckpointError(f"{tpath}: checkpoint tensor file not found")
     if verify:
-        tpath, jpath, meta = read_pair_meta(path, FORMAT, FORMAT_VERSION, "virtnet checkpoint")
-        validate_meta(meta, jpath)
-    else:
-        meta = read_meta(path)
-        if not tpath.is_file():
-            raise CheckpointError(f"{tpath}: checkpoint tensor file not found")
+        _check_tensor_file(tpath, jpath, meta)
     return _read_tensors(tpath, jpath, meta)
 
 
