@@ -376,3 +376,196 @@ def test_config_class_checked_at_build_for_folder_datasets(tmp_path: Path) -> No
     ok = validate(DataConfig, {"tasks": [{"dataset": "folder", "root": str(tmp_path), "classes": [1, 0]}]})
     t = build_taskset(ok, 0)[0]
     assert t.train.labels.tolist() == [1, 0] and t.class_names == ["b", "a"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# per-task transforms, shared subsamples, custom coarse groupings (issue 15, deliverable 8)
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_pixel_permutation_is_a_seeded_permutation() -> None:
+    from virtnet.data.transforms import permute_pixels, pixel_permutation
+
+    p = pixel_permutation(28, 28, seed=3)
+    assert p.dtype == torch.long and torch.equal(torch.sort(p).values, torch.arange(784))
+    assert torch.equal(p, pixel_permutation(28, 28, seed=3))  # the same for the same seed
+    assert not torch.equal(p, pixel_permutation(28, 28, seed=4))
+    x = torch.randint(0, 256, (5, 2, 4, 3), dtype=torch.uint8)
+    y = permute_pixels(x, seed=1)
+    perm = pixel_permutation(4, 3, seed=1)
+    assert torch.equal(y.reshape(5, 2, 12), x.reshape(5, 2, 12)[:, :, perm])  # the same for every channel
+    assert torch.equal(
+        torch.sort(y.reshape(5, 2, 12), dim=2).values, torch.sort(x.reshape(5, 2, 12), dim=2).values
+    )
+
+
+def test_rotation_by_quarters_is_rot90_and_the_general_path_agrees() -> None:
+    from virtnet.data.transforms import rotate
+
+    x = torch.randint(0, 256, (4, 3, 7, 7), dtype=torch.uint8)
+    assert torch.equal(rotate(x, 90), torch.rot90(x, 1, dims=(-2, -1)))
+    assert torch.equal(rotate(x, -90), torch.rot90(x, -1, dims=(-2, -1)))
+    assert torch.equal(rotate(x, 540), torch.rot90(x, 2, dims=(-2, -1)))
+    assert torch.equal(rotate(x, 0), x)
+    # any other angle goes through grid sampling: just off 90 degrees it gives the same images
+    for mode in ("nearest", "bilinear"):
+        assert torch.equal(rotate(x, 90 + 1e-5, mode), torch.rot90(x, 1, dims=(-2, -1)))
+    y = rotate(x, 45)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    assert int(y[:, :, 0, 0].max()) == 0  # corners come from outside the image: zero
+    assert int(y[:, :, 3, 3].ne(x[:, :, 3, 3]).sum()) == 0  # the centre stays
+
+
+def permuted_cfg(**extra: object) -> dict:
+    tasks = [
+        {"name": f"perm{i}", "dataset": "synthetic", "options": {"num_classes": 4, "size": 6}, **extra}
+        for i in range(3)
+    ]
+    tasks[1]["transforms"] = [{"kind": "permute_pixels", "seed": 1}]
+    tasks[2]["transforms"] = [{"kind": "rotate", "degrees": 90}]
+    return {"tasks": tasks}
+
+
+def test_config_transforms_give_a_domain_incremental_sequence() -> None:
+    from virtnet.data.transforms import pixel_permutation
+
+    cfg = validate(DataConfig, permuted_cfg(), "data")
+    ts = build_taskset(cfg, seed=0)
+    base, perm, rot = ts[0], ts[1], ts[2]
+    assert base.num_outputs == perm.num_outputs == rot.num_outputs == 4  # the same classes, a head each
+    p = pixel_permutation(6, 6, seed=1)
+    for split in ("train", "test"):
+        b, q, r = (getattr(t, split) for t in (base, perm, rot))
+        assert torch.equal(q.images.reshape(len(q), 1, 36), b.images.reshape(len(b), 1, 36)[:, :, p])
+        assert torch.equal(r.images, torch.rot90(b.images, 1, dims=(-2, -1)))
+        assert torch.equal(q.labels, b.labels) and torch.equal(r.labels, b.labels)
+    x = perm.train.images.double() / 255  # statistics of the transformed images
+    assert perm.mean[0] == pytest.approx(float(x.mean()))
+    # the permutation depends on its own seed only, not the run's
+    assert torch.equal(build_taskset(cfg, seed=5)[1].test.images, perm.test.images)
+
+
+def test_config_transform_errors_name_the_key() -> None:
+    t = {"dataset": "mnist"}
+    assert bad({"tasks": [{**t, "transforms": [{"kind": "permute_pixels"}]}]}) == (
+        "run.yaml: data.tasks[0].transforms[0].seed: required for kind permute_pixels"
+    )
+    assert bad({"tasks": [{**t, "transforms": [{"kind": "rotate", "degrees": 10, "seed": 1}]}]}) == (
+        "run.yaml: data.tasks[0].transforms[0].seed: not used by kind rotate (used by: permute_pixels)"
+    )
+    assert bad({"tasks": [{**t, "transforms": [{"kind": "rotate"}]}]}) == (
+        "run.yaml: data.tasks[0].transforms[0].degrees: required for kind rotate"
+    )
+    assert bad({"tasks": [{**t, "transforms": [{"kind": "flip"}]}]}).startswith(
+        "run.yaml: data.tasks[0].transforms[0].kind: "
+    )
+    assert bad({"tasks": [{**t, "transforms": [{"kind": "permute_pixels", "seed": True}]}]}).startswith(
+        "run.yaml: data.tasks[0].transforms[0].seed: "
+    )
+    assert bad({"tasks": [{**t, "transforms": [{"kind": "permute_pixels", "seed": 1, "size": 2}]}]}) == (
+        "run.yaml: data.tasks[0].transforms[0].size: unknown key"
+    )
+
+
+def test_subsample_group_shares_the_images(tmp_path: Path) -> None:
+    write_fake_fashion(tmp_path)
+    common = {"dataset": "fashion_mnist", "train_size": 20, "test_size": 10, "val_fraction": 0.25}
+    cfg = validate(
+        DataConfig,
+        {
+            "root": str(tmp_path),
+            "tasks": [
+                {"name": "coarse", "label": "coarse", "subsample_group": "g", **common},
+                {"name": "fine", "subsample_group": "g", **common},
+                {"name": "alone", **common},
+            ],
+        },
+        "data",
+    )
+    ts = build_taskset(cfg, seed=3)
+    full = load_dataset_fashion(tmp_path)
+    c, f, a = ts["coarse"], ts["fine"], ts["alone"]
+    for split, src in (("train", full.train), ("val", full.train), ("test", full.test)):
+        ic, i_f = rows_of(getattr(c, split).images, src.images), rows_of(getattr(f, split).images, src.images)
+        assert ic == i_f  # identical image indices for both tasks
+    assert len(c.train) == 15 and len(c.val) == 5 and len(c.test) == 10  # type: ignore[arg-type]
+    group = {0: 0, 2: 0, 4: 0, 6: 0, 1: 1, 3: 1, 5: 2, 7: 2, 9: 2, 8: 3}
+    assert c.train.labels.tolist() == [group[int(y)] for y in f.train.labels]
+    # without the group a task draws its own subsample
+    assert rows_of(a.train.images, full.train.images) != rows_of(f.train.images, full.train.images)
+
+
+def load_dataset_fashion(root: Path):  # noqa: ANN201
+    from virtnet.data import load_dataset
+
+    return load_dataset("fashion_mnist", str(root))
+
+
+def test_subsample_group_errors_name_the_key() -> None:
+    a = {"name": "a", "dataset": "mnist", "train_size": 100, "subsample_group": "g"}
+    assert bad({"tasks": [a, {**a, "name": "b", "train_size": 50}]}) == (
+        "run.yaml: data.tasks: tasks[1].train_size: 50 differs from tasks[0]'s 100, and both are in "
+        "subsample_group 'g' (a group shares one subsample of one dataset)"
+    )
+    assert bad({"tasks": [a, {**a, "name": "b", "dataset": "kmnist"}]}).startswith(
+        "run.yaml: data.tasks: tasks[1].dataset: 'kmnist' differs from tasks[0]'s 'mnist'"
+    )
+    assert bad({"tasks": [a, {**a, "name": "b", "classes": [0, 1]}]}).startswith(
+        "run.yaml: data.tasks: tasks[1].classes: subsample_group 'g' needs the same images in every task"
+    )
+    assert bad({"tasks": [{**a, "subsample_group": "a b"}]}).startswith(
+        "run.yaml: data.tasks[0].subsample_group: group name 'a b' must match"
+    )
+    # the same classes of the same label, or all classes with either label: fine
+    validate(DataConfig, {"tasks": [{**a, "classes": [1, 2]}, {**a, "name": "b", "classes": [1, 2]}]})
+
+
+def test_coarse_fine_with_a_custom_grouping(tmp_path: Path) -> None:
+    _, yte = write_fake_fashion(tmp_path)
+    groups = {c: c % 2 for c in range(10)}  # even / odd
+    cfg = validate(
+        DataConfig,
+        {
+            "root": str(tmp_path),
+            "scenario": {
+                "kind": "coarse_fine",
+                "dataset": "fashion_mnist",
+                "coarse_map": groups,
+                "train_size": 20,
+            },
+        },
+        "data",
+    )
+    ts = build_taskset(cfg, seed=0)
+    coarse, fine = ts[0], ts[1]
+    assert coarse.num_outputs == 2 and fine.num_outputs == 10
+    assert coarse.train.labels.tolist() == [int(y) % 2 for y in fine.train.labels]
+    assert coarse.test.labels.tolist() == [int(y) % 2 for y in yte]
+    assert torch.equal(coarse.train.images, fine.train.images) and len(coarse.train) == 20
+    names = load_dataset_fashion(tmp_path).class_names
+    assert coarse.class_names == ["+".join(names[0::2]), "+".join(names[1::2])]
+    # any dataset, with no coarse labels of its own
+    d = synth(k=6)
+    t = coarse_fine(d, coarse_map={0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2})
+    assert t[0].num_outputs == 3 and t[0].train.labels.tolist() == [int(y) // 2 for y in t[1].train.labels]
+    with pytest.raises(ConfigError, match=r"^coarse_fine.coarse_map: does not cover class 5"):
+        coarse_fine(d, coarse_map={c: 0 for c in range(5)})
+
+
+def test_coarse_map_errors_name_the_key() -> None:
+    sc = {"kind": "coarse_fine", "dataset": "mnist"}
+    assert bad({"scenario": sc}).startswith(
+        "run.yaml: data.scenario.coarse_map: mnist has no coarse labels of its own"
+    )
+    assert bad({"scenario": {**sc, "coarse_map": {c: c % 3 for c in range(9)}}}) == (
+        "run.yaml: data.scenario.coarse_map: does not cover class 9 (selected classes: "
+        "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9])"
+    )
+    assert bad({"scenario": {**sc, "coarse_map": {c: 2 * (c % 2) for c in range(10)}}}) == (
+        "run.yaml: data.scenario.coarse_map: new labels must be 0..m-1 with none unused, got [0, 2]"
+    )
+    assert bad(
+        {"scenario": {"kind": "split_classes", "dataset": "mnist", "num_tasks": 2, "coarse_map": {0: 0}}}
+    ) == ("run.yaml: data.scenario.coarse_map: not used by kind split_classes (used by: coarse_fine)")
+    ok = validate(DataConfig, {"scenario": {**sc, "coarse_map": {c: int(c >= 5) for c in range(10)}}})
+    assert ok.task_names() == ["mnist_coarse", "mnist_fine"]

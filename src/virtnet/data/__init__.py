@@ -22,6 +22,7 @@ from virtnet.data.config import (
     DataConfig,
     ScenarioConfig,
     TaskConfig,
+    TransformConfig,
     build_taskset,
 )
 from virtnet.data.core import ArrayDataset, AugmentSpec, Batch, Task, TaskSet
@@ -56,6 +57,7 @@ from virtnet.data.scenarios import (
     split_classes,
     stratified_take,
 )
+from virtnet.data.transforms import apply_transforms, permute_pixels, pixel_permutation, rotate
 
 __all__ = [
     "DATASETS",
@@ -74,6 +76,8 @@ __all__ = [
     "Task",
     "TaskConfig",
     "TaskSet",
+    "TransformConfig",
+    "apply_transforms",
     "attribute_task",
     "augment_batch",
     "build_taskset",
@@ -98,11 +102,14 @@ __all__ = [
     "load_synthetic",
     "make_task",
     "normalize",
+    "permute_pixels",
+    "pixel_permutation",
     "random_crop",
     "random_hflip",
     "read_idx",
     "register_dataset",
     "resolve_data_root",
+    "rotate",
     "split_classes",
     "stratified_take",
 ]

@@ -25,6 +25,7 @@ key-naming messages.
 from __future__ import annotations
 
 import json
+import re
 import typing
 from collections.abc import Callable
 from typing import Any, Literal
@@ -35,15 +36,17 @@ from pydantic_core import PydanticCustomError
 from virtnet.data.core import AugmentSpec, Task, TaskSet
 from virtnet.data.datasets import DATASETS, DatasetSplits, get_dataset_spec, load_dataset
 from virtnet.data.scenarios import (
+    TASK_NAME_PATTERN,
     attribute_table,
     check_classes,
     check_label_map,
     check_task_name,
     class_splits,
+    coarse_fine,
     make_task,
 )
 from virtnet.errors import ConfigError
-from virtnet.schema import Strict, _number_problem
+from virtnet.schema import Seed, Strict, _number_problem
 
 _MARK = "\x00"
 SYNTHETIC_MAX_BYTES = 2 * 10**9
@@ -147,6 +150,40 @@ class AttributeConfig(Strict):
 AttributesType = dict[str, list[int] | AttributeConfig]
 
 
+class TransformConfig(Strict):
+    """One entry of a task's ``transforms``: a fixed input transform of every image of the task
+    (:mod:`virtnet.data.transforms`)."""
+
+    kind: Literal["permute_pixels", "rotate"]
+    seed: Seed | None = Field(default=None, validate_default=True)  # permute_pixels: the permutation's seed
+    degrees: float | None = Field(default=None, validate_default=True)  # rotate: counter-clockwise angle
+    interpolation: Literal["nearest", "bilinear"] | None = Field(default=None, validate_default=True)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int | None, info: ValidationInfo) -> int | None:
+        kind = info.data.get("kind")
+        if kind == "permute_pixels" and v is None:
+            raise _fail("required for kind permute_pixels")
+        if kind is not None and kind != "permute_pixels" and v is not None:
+            raise _fail(f"not used by kind {kind} (used by: permute_pixels)")
+        return v
+
+    @field_validator("degrees", "interpolation")
+    @classmethod
+    def _rotate(cls, v: Any, info: ValidationInfo) -> Any:
+        kind = info.data.get("kind")
+        if kind == "rotate" and v is None and info.field_name == "degrees":
+            raise _fail("required for kind rotate")
+        if kind is not None and kind != "rotate" and v is not None:
+            raise _fail(f"not used by kind {kind} (used by: rotate)")
+        return v
+
+    def spec(self) -> dict[str, Any]:
+        """The plain dict :func:`virtnet.data.scenarios.make_task` takes."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class TaskConfig(Strict):
     """One entry of ``data.tasks``."""
 
@@ -162,6 +199,8 @@ class TaskConfig(Strict):
     test_size: int | None = Field(default=None, ge=1)  # stratified seeded subsample of test
     val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)  # part of train held out as val
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    transforms: list[TransformConfig] = Field(default_factory=list)  # fixed input transforms, in order
+    subsample_group: str | None = None  # tasks of one group share one seeded subsample of the dataset
 
     @property
     def task_name(self) -> str:
@@ -177,6 +216,13 @@ class TaskConfig(Strict):
     @classmethod
     def _dataset(cls, v: str) -> str:
         return _known_dataset(v)
+
+    @field_validator("subsample_group")
+    @classmethod
+    def _group(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(TASK_NAME_PATTERN, v):
+            raise _fail(f"group name {v!r} must match {TASK_NAME_PATTERN}")
+        return v
 
     @field_validator("options")
     @classmethod
@@ -237,6 +283,7 @@ _USES = {
     "label": ("split_classes", "attributes"),
     "name": ("split_classes", "coarse_fine", "attributes"),
     "options": ("split_classes", "coarse_fine", "attributes"),
+    "coarse_map": ("coarse_fine",),
 }
 
 
@@ -267,6 +314,8 @@ class ScenarioConfig(Strict):
     test_size: int | None = Field(default=None, ge=1)  # per task
     val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)  # per task
     augment: AugmentConfig = Field(default_factory=AugmentConfig)  # per task
+    # coarse_fine: {fine class: coarse group} (default: the dataset's own coarse labels)
+    coarse_map: dict[int, int] | None = Field(default=None, validate_default=True)
 
     @field_validator("dataset")
     @classmethod
@@ -280,9 +329,7 @@ class ScenarioConfig(Strict):
             return v
         if v is None:
             raise _fail(f"required for kind {kind}")
-        _known_dataset(v)
-        if kind == "coarse_fine":
-            _check_label(v, "coarse")
+        _known_dataset(v)  # coarse_fine's coarse labels: checked with coarse_map
         return v
 
     @field_validator("datasets")
@@ -376,6 +423,30 @@ class ScenarioConfig(Strict):
             _check(attribute_table, _attrs_plain(v), list(range(n)), n, info.data["dataset"])
         return v
 
+    @field_validator("coarse_map")
+    @classmethod
+    def _coarse_map(cls, v: dict[int, int] | None, info: ValidationInfo) -> dict[int, int] | None:
+        kind = info.data.get("kind")
+        if kind is None or "dataset" not in info.data or info.data["dataset"] is None:
+            return v
+        if kind != "coarse_fine":
+            if v is not None:
+                raise _not_used("coarse_map", kind)
+            return v
+        dataset = info.data["dataset"]
+        if v is None:
+            if DATASETS[dataset].num_coarse is None:
+                have = ", ".join(sorted(n for n, s in DATASETS.items() if s.num_coarse is not None))
+                raise _fail(
+                    f"{dataset} has no coarse labels of its own (datasets with coarse labels: {have}): give "
+                    "coarse_map {fine class: coarse group}"
+                )
+            return v
+        n = _num_classes({**info.data, "label": "fine"})
+        if n is None:  # a folder dataset: checked when it is loaded
+            return v
+        return _check(check_label_map, v, list(range(n)))
+
     def task_names(self) -> list[str]:
         """The names of the tasks this scenario expands to."""
         if self.kind == "datasets":
@@ -386,6 +457,39 @@ class ScenarioConfig(Strict):
         if self.kind == "coarse_fine":
             return [f"{prefix}_coarse", f"{prefix}_fine"]
         return [self.name or f"{self.dataset}_attributes"]
+
+
+#: what every task of one subsample_group must have in common (the images its subsample is drawn from)
+_GROUP_KEYS = ("dataset", "root", "options", "train_size", "test_size", "val_fraction")
+
+
+def _check_groups(tasks: list[TaskConfig]) -> None:
+    """Tasks of one ``subsample_group`` draw from the same images: same dataset, root, options, sizes and
+    val fraction, and the same kept classes (both all, or the same ``classes`` of the same ``label``)."""
+    first: dict[str, int] = {}
+    for i, t in enumerate(tasks):
+        g = t.subsample_group
+        if g is None:
+            continue
+        if g not in first:
+            first[g] = i
+            continue
+        j = first[g]
+        ref = tasks[j]
+        for k in _GROUP_KEYS:
+            if getattr(t, k) != getattr(ref, k):
+                raise _fail(
+                    f"tasks[{i}].{k}: {getattr(t, k)!r} differs from tasks[{j}]'s {getattr(ref, k)!r}, and "
+                    f"both are in subsample_group '{g}' (a group shares one subsample of one dataset)"
+                )
+        if (t.classes, t.label) != (ref.classes, ref.label) and not (
+            t.classes is None and ref.classes is None
+        ):
+            raise _fail(
+                f"tasks[{i}].classes: subsample_group '{g}' needs the same images in every task: give every "
+                f"task of it all classes, or the same classes of the same label (tasks[{j}]: classes "
+                f"{ref.classes}, label {ref.label})"
+            )
 
 
 class DataConfig(Strict):
@@ -411,6 +515,7 @@ class DataConfig(Strict):
             if n in first:
                 raise _fail(f"task name '{n}' is used twice ({first[n]} and {where}); set distinct names")
             first[n] = where
+        _check_groups(v)
         return v
 
     def task_names(self) -> list[str]:
@@ -474,8 +579,8 @@ def build_taskset(cfg: DataConfig, seed: int) -> TaskSet:
                 for name, g in zip(names, groups, strict=True):
                     tasks.append(make_task(name, data, label=label, classes=g, **common))
             elif sc.kind == "coarse_fine":
-                for name, lab in zip(names, ("coarse", "fine"), strict=True):
-                    tasks.append(make_task(name, data, label=lab, sample_key=data.key, **common))
+                cf = coarse_fine(data, names=(names[0], names[1]), coarse_map=sc.coarse_map, **common)
+                tasks.extend(cf)
             else:
                 attrs = _attrs_plain(sc.attributes)
                 tasks.append(make_task(names[0], data, label=label, attributes=attrs, **common))
@@ -495,10 +600,20 @@ def build_taskset(cfg: DataConfig, seed: int) -> TaskSet:
                 val_fraction=t.val_fraction,
                 augment=t.augment.spec(),
                 seed=seed,
+                sample_key=None if t.subsample_group is None else f"subsample_group:{t.subsample_group}",
+                transforms=[x.spec() for x in t.transforms],
                 where=where,
             )
         )
     return TaskSet(tasks, name="+".join(t.name for t in tasks))
 
 
-__all__ = ["AttributeConfig", "AugmentConfig", "DataConfig", "ScenarioConfig", "TaskConfig", "build_taskset"]
+__all__ = [
+    "AttributeConfig",
+    "AugmentConfig",
+    "DataConfig",
+    "ScenarioConfig",
+    "TaskConfig",
+    "TransformConfig",
+    "build_taskset",
+]

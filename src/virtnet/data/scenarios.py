@@ -9,7 +9,9 @@ A task is made from one dataset's splits by :func:`make_task`, which applies, in
    when an attribute is ``labelled`` only on some classes);
 5. ``train_size`` / ``test_size``: seeded stratified subsampling of the kept images;
 6. ``val_fraction``: a seeded stratified part of the (subsampled) training images held out as ``val``;
-7. ``mean`` / ``std``: per-channel statistics of the final training images scaled to [0, 1].
+7. ``transforms``: fixed per-task input transforms of every split's images (pixel permutation, rotation;
+   :mod:`virtnet.data.transforms`);
+8. ``mean`` / ``std``: per-channel statistics of the final training images scaled to [0, 1].
 
 Official train/test splits are kept as they are; the splits made here (val, subsamples) only ever pick
 from one official split, so no image is shared between a task's train, val and test splits.
@@ -31,6 +33,7 @@ import torch
 
 from virtnet.data.core import ArrayDataset, AugmentSpec, Task, TaskSet
 from virtnet.data.datasets import DatasetSplits
+from virtnet.data.transforms import apply_transforms, check_transforms
 from virtnet.errors import ConfigError, DataError
 
 TASK_NAME_PATTERN = r"[A-Za-z0-9_-]+"
@@ -264,6 +267,7 @@ def make_task(
     augment: AugmentSpec | None = None,
     seed: int = 0,
     sample_key: str | None = None,
+    transforms: Sequence[Mapping[str, Any]] | None = None,
     where: str | None = None,
 ) -> Task:
     """Build one task from a dataset (see the module docstring for the order of the steps).
@@ -286,6 +290,9 @@ def make_task(
             sample_key, step)``.
         sample_key: identifies the image selection (default ``name``); tasks sharing it and their kept
             images (e.g. coarse and fine labels of one dataset) get the same subsample.
+        transforms: per-task input transforms applied to every split's images, in order, e.g.
+            ``[{"kind": "permute_pixels", "seed": 1}]`` or ``[{"kind": "rotate", "degrees": 45}]``
+            (:mod:`virtnet.data.transforms`).
         where: config key prefixing errors (e.g. ``data.tasks[1]``); None prefixes ``task '<name>':``.
 
     Returns:
@@ -315,6 +322,7 @@ def make_task(
     )
     if label_map is not None and attributes is not None:
         raise ConfigError(f"{key('attributes')}: cannot be combined with label_map")
+    tfs = check_transforms(transforms or [], key("transforms"))
 
     lut = torch.full((n_src,), -1, dtype=torch.long)  # source class -> new label
     attr = None
@@ -389,7 +397,8 @@ def make_task(
             y = y.contiguous()
         else:
             y = lut[src]  # (n,)
-        return ArrayDataset(ds.images[idx], y, mask, f"{ds.source} [task {name}, {split}]")
+        images = apply_transforms(ds.images[idx], tfs)
+        return ArrayDataset(images, y, mask, f"{ds.source} [task {name}, {split}]")
 
     train = build(data.train, tr_idx, "train")
     test = build(data.test, te_idx, "test")
@@ -497,29 +506,47 @@ def datasets_as_tasks(
 
 
 def coarse_fine(
-    data: DatasetSplits, *, names: tuple[str, str] | None = None, seed: int = 0, **task_options: Any
+    data: DatasetSplits,
+    *,
+    names: tuple[str, str] | None = None,
+    coarse_map: Mapping[int, int] | None = None,
+    seed: int = 0,
+    where: str | None = None,
+    **task_options: Any,
 ) -> TaskSet:
     """Coarse and fine labels of the same images as two tasks (``<key>_coarse``, ``<key>_fine``).
 
     Both tasks hold exactly the same images (subsampling and the val split share one ``sample_key`` and
     are stratified by fine class). For CIFAR-100: 20 superclasses and 100 classes; for Fashion-MNIST: the
-    4 groups of :data:`virtnet.data.datasets.FASHION_MNIST_COARSE` and the 10 classes.
+    4 groups of :data:`virtnet.data.datasets.FASHION_MNIST_COARSE` and the 10 classes. ``coarse_map``
+    gives a grouping of one's own (any dataset, with or without coarse labels).
 
     Args:
-        data: a dataset with coarse labels.
+        data: a dataset with coarse labels, or any dataset with ``coarse_map``.
         names: the two task names (coarse, fine).
+        coarse_map: ``{fine class: coarse group}`` covering every fine class, groups ``0..m-1`` all used
+            (None: the dataset's own coarse labels).
         seed: run seed.
-        **task_options: ``train_size``, ``test_size``, ``val_fraction``, ``augment``.
+        where: the config key prefixing errors (default ``coarse_fine``, and the task for a task's).
+        **task_options: ``train_size``, ``test_size``, ``val_fraction``, ``augment``, ``transforms``.
     """
+    at = where or "coarse_fine"
     bad = [k for k in task_options if k in ("label", "classes", "label_map", "attributes", "sample_key")]
     if bad:
-        raise ConfigError(f"coarse_fine: option {bad[0]} is not supported (both tasks keep every class)")
-    if not data.has_coarse:
-        raise ConfigError(f"coarse_fine: {data.key} has no coarse labels (cifar100 and fashion_mnist do)")
+        raise ConfigError(f"{at}: option {bad[0]} is not supported (both tasks keep every class)")
+    if coarse_map is not None:
+        coarse_map = check_label_map(coarse_map, list(range(data.num_classes)), f"{at}.coarse_map")
+        coarse_opts: dict[str, Any] = {"label": "fine", "label_map": coarse_map}
+    elif not data.has_coarse:
+        raise ConfigError(
+            f"{at}: {data.key} has no coarse labels (cifar100 and fashion_mnist do; or give coarse_map)"
+        )
+    else:
+        coarse_opts = {"label": "coarse"}
     cn, fn = names or (f"{data.key}_coarse", f"{data.key}_fine")
     tasks = [
-        make_task(cn, data, label="coarse", seed=seed, sample_key=data.key, **task_options),
-        make_task(fn, data, label="fine", seed=seed, sample_key=data.key, **task_options),
+        make_task(cn, data, seed=seed, sample_key=data.key, where=where, **coarse_opts, **task_options),
+        make_task(fn, data, label="fine", seed=seed, sample_key=data.key, where=where, **task_options),
     ]
     return TaskSet(tasks, name=f"{data.name} coarse+fine")
 
