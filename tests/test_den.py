@@ -1,0 +1,416 @@
+"""Deep Elastic Networks: eq. 3 over an enumerable structure space, REINFORCE (eq. 7) against the exact
+gradient, masked / grouped / sliced paths, skipped blocks, costs, budgets, rho, training through the loop,
+bad input."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from virtnet import api
+from virtnet.backbones.base import TaskSpec
+from virtnet.backbones.registry import BackboneConfig
+from virtnet.cost import count_flops
+from virtnet.errors import BudgetError, CheckpointError, ConfigError, TaskError
+from virtnet.methods import make_method
+from virtnet.methods.den import (
+    DENConfig,
+    greedy,
+    initial_structures,
+    log_probs,
+    reinforce_loss,
+    sample,
+    structure_log_prob,
+    top_k,
+)
+from virtnet.methods.den.report import evaluate_den, level_distribution, random_chooser
+from virtnet.nn import Route
+
+RESNET = BackboneConfig(name="resnet", depth=8, width=0.5, feature_size=8)
+BACKBONES = {
+    "resnet": RESNET,
+    "wrn": BackboneConfig(name="wrn", depth=10, widen_factor=1, width=0.5, feature_size=8),
+    "vgg": BackboneConfig(name="vgg", depth=11, width=0.125, feature_size=16),
+    "simpleconvnet": BackboneConfig(name="simpleconvnet", width=0.5, feature_size=16),
+}
+SPECS = [TaskSpec("a", 1, 8, 3), TaskSpec("b", 3, 12, 4)]
+
+
+def build(backbone=RESNET, specs=SPECS, seed=0, **options):
+    method = make_method("den", options)
+    torch.manual_seed(seed)
+    return method, method.build(specs, backbone)
+
+
+def moved_bn(model, specs=SPECS, steps=3):
+    """Move every batch norm's statistics off their defaults, every level seen."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            for s in specs:
+                x = torch.randn(16, s.in_channels, s.input_size, s.input_size)
+                z = torch.randint(0, model.num_levels, (16, model.num_blocks))
+                model(x, s.name, model.instance_route(s.name, z, masked=True))
+    model.eval()
+
+
+def inputs(spec, n=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, spec.in_channels, spec.input_size, spec.input_size, generator=g)
+
+
+# ---- eq. 3 and decodings --------------------------------------------------------------------------------
+def test_structure_probabilities_sum_to_one_over_every_structure():
+    logits = torch.randn(4, 3, 3, requires_grad=True)
+    logp = log_probs(logits)
+    every = torch.tensor(list(itertools.product(range(3), repeat=3)))  # 27 structures
+    lp = structure_log_prob(logp, every[None].expand(4, -1, -1))  # (4, 27)
+    torch.testing.assert_close(lp.exp().sum(1), torch.ones(4))
+    best = lp.argmax(1)
+    assert torch.equal(every[best], greedy(logp))
+    z, v = top_k(logp, 5)
+    want = lp.topk(5, dim=1)
+    torch.testing.assert_close(v, want.values)
+    assert torch.equal(z[:, 0], greedy(logp))
+
+
+def test_initial_distribution_is_eq8():
+    torch.manual_seed(0)
+    n, h, tau = 2, 3, 0.75
+    z = initial_structures(60000, n, h, tau, torch.device("cpu"))
+    full = (z == h - 1).all(1).float().mean().item()
+    assert abs(full - (tau + (1 - tau) / h**n)) < 0.01  # p(z*) = tau + (1 - tau) / h^n
+    other = ((z[:, 0] == 0) & (z[:, 1] == 1)).float().mean().item()
+    assert abs(other - (1 - tau) / h**n) < 0.005
+
+
+@pytest.mark.parametrize("epsilon,baseline", [(0.0, "none"), (0.0, "self_critical"), (0.3, "self_critical")])
+def test_reinforce_mean_matches_the_exact_gradient(epsilon, baseline):
+    """Eq. 7 on an enumerable case: n = 2 blocks, h = 3 levels (9 structures), fixed rewards. The
+    estimate from 40,000 samples of the epsilon-mixture q, log q taken under q, is unbiased for
+    grad E_q[R] = (1 - eps) grad E_P[R]; tolerance 0.02 (about 5 standard errors)."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 3, requires_grad=True)
+    reward = torch.tensor([[0.3, 1.2, -0.4], [0.8, 0.0, 2.0], [1.5, -1.0, 0.6]])  # R(l1, l2)
+    every = torch.tensor(list(itertools.product(range(3), repeat=2)))
+    exact_j = (
+        structure_log_prob(log_probs(logits), every[None]).exp()[0] * reward[every[:, 0], every[:, 1]]
+    ).sum()
+    (exact,) = torch.autograd.grad(exact_j, logits)
+    g = torch.Generator().manual_seed(1)
+    logp = log_probs(logits)
+    z, logq = sample(logp, 40000, epsilon, generator=g)
+    r = reward[z[0, :, 0], z[0, :, 1]][None]
+    b = None
+    if baseline == "self_critical":
+        zg = greedy(logp.detach())
+        b = reward[zg[:, 0], zg[:, 1]]
+    (est,) = torch.autograd.grad(reinforce_loss(logq, r, b), logits)
+    torch.testing.assert_close(est, (1 - epsilon) * exact, atol=0.02, rtol=0)
+
+
+# ---- the two paths and the sliced network ----------------------------------------------------------------
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_masked_grouped_and_sliced_paths_agree(name):
+    method, model = build(BACKBONES[name])
+    moved_bn(model)
+    for spec in SPECS:
+        x = inputs(spec)
+        z = torch.randint(
+            0, model.num_levels, (9, model.num_blocks), generator=torch.Generator().manual_seed(3)
+        )
+        with torch.no_grad():
+            masked = model(x, spec.name, model.instance_route(spec.name, z, masked=True))
+            grouped = model(x, spec.name, model.instance_route(spec.name, z))
+            torch.testing.assert_close(masked, grouped, rtol=1e-5, atol=1e-5)
+            for i in range(3):  # batch 1: the structure as a plain sliced network
+                net = method.export_structure(model, spec.name, z[i])
+                torch.testing.assert_close(net(x[i : i + 1]), grouped[i : i + 1], rtol=1e-5, atol=1e-5)
+                static = model(x[i : i + 1], spec.name, model.structure_route(spec.name, z[i]))
+                torch.testing.assert_close(static, grouped[i : i + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet", "vgg"])
+def test_structure_costs_are_the_exported_networks(name):
+    method, model = build(BACKBONES[name])
+    g = torch.Generator().manual_seed(0)
+    for spec in SPECS:
+        for _ in range(4):
+            z = torch.randint(0, model.num_levels, (model.num_blocks,), generator=g)
+            net = method.export_structure(model, spec.name, z)
+            assert count_flops(net, spec.input_shape) == model.structure_cost(spec.name, z)
+            assert sum(p.numel() for p in net.parameters()) == model.structure_cost(spec.name, z, "params")
+            used = sum(int(m.sum()) for m in model.structure_usage(spec.name, z.tolist()).values())
+            assert used == model.structure_cost(spec.name, z, "params")
+
+
+def test_a_skipped_block_is_not_executed():
+    method, model = build()
+    model.eval()
+    spec = SPECS[0]
+    x = inputs(spec, n=8)
+    flops = model.block_costs()["flops"]
+    full = torch.full((8, model.num_blocks), model.num_levels - 1)
+    skip = full.clone()
+    skip[:, 0] = 0  # block 0 (identity shortcut) skipped for every instance
+    counts = []
+    for z in (full, skip):
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(x, spec.name, model.instance_route(spec.name, z))
+        counts.append(counter.get_total_flops())
+    assert flops[0][0] == 0 and flops[1][0] > 0  # block 1's projection shortcut runs at level 0
+    assert counts[0] - counts[1] == 8 * flops[0][-1]
+    # exported: the skipped block is an identity, no convolution in it
+    net = method.export_structure(model, spec.name, skip[0])
+    assert isinstance(net.trunk.blocks[0], torch.nn.Identity)
+
+
+def test_private_norm_per_level_and_shared_inner_norm():
+    _, model = build()
+    blk = model.blocks()[1]
+    assert sorted(blk.bn2.norms) == ["1", "2"]  # level 0 has no channel, no norm
+    assert isinstance(blk.bn1, torch.nn.BatchNorm2d)  # inner channels: one shared (sliced) norm
+    _, vgg = build(BACKBONES["vgg"])
+    assert vgg.blocks()[0].widths[0] > 0  # plain blocks keep one group at the lowest level
+
+
+def test_inference_never_uses_batch_statistics():
+    _, model = build()
+    moved_bn(model)
+    spec = SPECS[1]
+    x = inputs(spec, n=6)
+    with torch.no_grad():
+        alone = torch.cat([model(x[i : i + 1], spec.name) for i in range(6)])
+        batch = model(x, spec.name)
+    torch.testing.assert_close(alone, batch, rtol=1e-5, atol=1e-5)
+
+
+# ---- budgets --------------------------------------------------------------------------------------------
+def test_budgeted_choice_is_the_most_probable_within_the_bound_and_never_exceeds_it():
+    _, model = build()
+    spec = SPECS[0]
+    lo, hi = model.cost_range(spec.name)
+    x = inputs(spec, n=16)
+    with torch.no_grad():
+        model.selector.fc.bias.normal_()
+        model.selector.fc.weight.mul_(5)
+        logp = log_probs(model.selector_logits(x, spec.name))
+    every = torch.tensor(list(itertools.product(range(model.num_levels), repeat=model.num_blocks)))
+    costs = model.structure_costs(spec.name, every)
+    lp = structure_log_prob(logp, every[None].expand(16, -1, -1))
+    for f in (0.0, 0.1, 0.3, 0.6, 0.9):
+        bound = int(lo + f * (hi - lo))
+        z = model.choose(x, spec.name, bound)
+        got = model.structure_costs(spec.name, z)
+        assert bool((got <= bound).all())
+        best = lp.masked_fill(~(costs <= bound)[None], float("-inf")).max(1).values
+        torch.testing.assert_close(structure_log_prob(logp, z), best)
+
+
+def test_budget_levels_and_the_generic_budget_interface():
+    method, model = build(budget_levels=[0.0, 0.5, 1.0])
+    moved_bn(model)
+    levels = method.levels(model, "a")
+    assert [lv.index for lv in levels] == [1, 2, 3] and levels[-1].name == "selector"
+    x = inputs(SPECS[0])
+    lo, _ = model.cost_range("a")
+    with torch.no_grad():
+        z = model.task_network("a", 1).structures(x)
+        assert bool((model.structure_costs("a", z) == lo).all())  # level 1: the cheapest structure
+        for lv in levels:
+            net = method.export(model, "a", lv.index)
+            torch.testing.assert_close(net(x), method.predict(model, x, "a", lv.index))
+
+
+def test_rand_sel_distribution_matches_a_mean_flops():
+    _, model = build()
+    lo, hi = model.cost_range("a")
+    target = lo + 0.4 * (hi - lo)
+    pi = level_distribution(model, "a", target)
+    table = torch.tensor(model.block_costs()["flops"], dtype=torch.float64)
+    assert abs(model.base_costs("a")["flops"] + float((table * pi.double()).sum()) - target) < 1e-3 * hi
+    z = random_chooser(model, {"a": target})(torch.zeros(20000, 1, 8, 8), "a")
+    assert abs(float(model.structure_costs("a", z).mean()) - target) < 0.02 * hi
+
+
+# ---- rho ------------------------------------------------------------------------------------------------
+def _toy_run(rho: float, tmp: Path) -> float:
+    cfg = {
+        "seed": 0,
+        "output_dir": str(tmp),
+        "data": {
+            "tasks": [
+                {
+                    "name": "a",
+                    "dataset": "synthetic",
+                    "options": {"num_classes": 4, "size": 8, "channels": 1, "num_train": 256, "num_test": 64},
+                }
+            ]
+        },
+        "model": {"name": "resnet", "depth": 8, "width": 0.5},
+        "method": {
+            "name": "den",
+            "rho": rho,
+            "stages": 1,
+            "estimator_epochs": 3,
+            "selector_epochs": 4,
+            "selector_lr": 0.05,
+            "samples": 8,
+            "epsilon": 0.0,
+            "budget_levels": [1.0],
+        },
+        "train": {"batch_size": 32, "lr": 0.05, "eval_every": 0, "progress": False},
+        "cost": {"measure_latency": False},
+    }
+    run = api.train(cfg, log=lambda s: None)
+    rows = evaluate_den(run.model, run.taskset, split="test")
+    return rows[0]["mean_flops"] / rows[0]["full_flops"]
+
+
+def test_rho_zero_picks_the_full_model_and_a_large_rho_smaller_ones(tmp_path):
+    """Mean FLOPs of the greedy structures over the full model's. With rho = 0 the selector moves to the
+    full model wherever a smaller level loses accuracy (on this toy, skipping the first block costs
+    nothing, so the greedy structures keep about 0.9 of the FLOPs); rho = 20 cuts them below half."""
+    full = _toy_run(0.0, tmp_path / "r0")
+    small = _toy_run(20.0, tmp_path / "r20")
+    assert full > 0.85
+    assert small < 0.5
+
+
+# ---- training through the loop -------------------------------------------------------------------------
+def test_stages_alternate_and_each_moves_only_its_part(tmp_path):
+    cfg = {
+        "seed": 1,
+        "output_dir": str(tmp_path),
+        "data": {
+            "tasks": [
+                {
+                    "name": "a",
+                    "dataset": "synthetic",
+                    "options": {"num_classes": 3, "size": 8, "channels": 1, "num_train": 32, "num_test": 16},
+                },
+                {
+                    "name": "b",
+                    "dataset": "synthetic",
+                    "options": {
+                        "num_classes": 3,
+                        "size": 12,
+                        "channels": 3,
+                        "num_train": 32,
+                        "num_test": 16,
+                        "seed": 1,
+                    },
+                },
+            ]
+        },
+        "model": {"name": "resnet", "depth": 8, "width": 0.25},
+        "method": {"name": "den", "stages": 2},
+        "train": {"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 2, "eval_every": 0, "progress": False},
+        "cost": {"measure_latency": False},
+    }
+    run = api.train(cfg, log=lambda s: None)
+    names = [p["name"] for p in run.summary["phases"]]
+    assert names == ["estimator-1", "selector-1", "estimator-2", "selector-2"]
+    ck = {k: api.load(tmp_path / "checkpoints" / f"phase-{k}.json").model.state_dict() for k in range(4)}
+    start = api.load(tmp_path / "checkpoints" / "start.json").model.state_dict()
+    prev = start
+    for k in range(4):
+        cur = ck[k]
+        sel = [n for n in cur if n.startswith("selector.")]
+        est = [n for n in cur if not n.startswith("selector.") and n != "den_progress"]
+        moved = [n for n in (est if k % 2 == 0 else sel) if not torch.equal(cur[n], prev[n])]
+        fixed = [n for n in (sel if k % 2 == 0 else est) if not torch.equal(cur[n], prev[n])]
+        assert moved, k
+        assert not fixed, (k, fixed[:3])  # weights and running statistics of the other part
+        prev = cur
+
+
+def test_the_selector_stage_decays_and_converges(tmp_path):
+    method = make_method("den", {"stages": 3, "converge_tol": 0.5})
+    hist = [
+        {"phase": "selector-1", "train": {"loss/a/reward": 1.0}},
+        {"phase": "selector-2", "train": {"loss/a/reward": 0.9}},
+    ]
+    done = method.phases(["a"])[:4]
+    assert method.next_phase(["a"], done, hist) is None  # improved by 10 % < 50 %: converged
+    assert method.next_phase(["a"], done, hist[:1]).name == "estimator-3"
+    specs = method.optimizers(build()[1], done[2])
+    assert specs[0].kind == "sgd" and specs[0].options["nesterov"]
+    assert specs[0].param_groups[0]["lr_scale"] == pytest.approx(0.1)
+    assert method.optimizers(build()[1], done[3])[0].kind == "adam"
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    method, model = build()
+    n, h = model.num_blocks, model.num_levels
+    with pytest.raises(BudgetError, match="out of range") as e:
+        model.structure_route("a", [h] + [0] * (n - 1))
+    _one_line(e)
+    with pytest.raises(BudgetError, match="blocks") as e:
+        model.structure_route("a", [0] * (n + 1))
+    _one_line(e)
+    with pytest.raises(BudgetError, match="out of range"):
+        model.instance_route("a", torch.full((2, n), h))
+    with pytest.raises(TaskError, match="mixes tasks") as e:
+        model.choose(inputs(SPECS[0]), ["a", "b", "a"])
+    _one_line(e)
+    lo, _ = model.cost_range("a")
+    with pytest.raises(BudgetError, match="cheapest") as e:
+        model.choose(inputs(SPECS[0]), "a", lo - 1)
+    _one_line(e)
+    with pytest.raises(ConfigError, match="level_widths"):
+        build(BACKBONES["vgg"], level_widths=[0.0, 0.5, 1.0])
+    with pytest.raises(ConfigError):
+        build(levels=3, level_widths=[0.5, 1.0])
+    # a selector trained for another estimator
+    from virtnet.train.checkpoint import save_checkpoint
+
+    _, other = build(levels=2)
+    path = tmp_path / "other"
+    save_checkpoint(path, other.state_dict(), meta={"structure": other.structure()})
+    with pytest.raises(CheckpointError, match="another estimator") as e:
+        method.load_selector(model, str(path) + ".json")
+    _one_line(e)
+    same = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in same.selector.parameters():
+            p.add_(1)
+    path2 = tmp_path / "same"
+    save_checkpoint(path2, same.state_dict(), meta={"structure": same.structure()})
+    method.load_selector(model, str(path2) + ".json")
+    pairs = zip(model.selector.parameters(), same.selector.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_torch_export_of_the_deployable_groups_a_batch():
+    method, model = build()
+    moved_bn(model)
+    x = inputs(SPECS[1], n=7)
+    net = method.export(model, "b", 1)
+    prog = torch.export.export(net, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(prog.module()(x), net(x), rtol=1e-5, atol=1e-5)
+    assert net(x).shape == (7, 4)
+    assert Route("b", instance=torch.zeros(1, 1)).static().instance is None
+
+
+# ---- docs -----------------------------------------------------------------------------------------------
+def test_the_docs_list_every_option():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods" / "den.md").read_text()
+    section = text.split("## Options", 1)[1].split("\n## ", 1)[0]
+    keys = re.findall(r"^\| `([a-z_]+)` \|", section, re.M)
+    assert keys == list(DENConfig.model_fields)
