@@ -4,8 +4,9 @@ Both run with virtnet's default thread rule (virtnet.threads: one thread per usa
 nothing here sets threads or VIRTNET_THREADS). Each measurement runs in a fresh process. The busy process
 is a Python loop (`while True: pass`) started by this script a moment before the measurement and stopped
 after it. The training step is the demo's model and data: the time per step is the difference between
-two short runs of `api.train` (epochs 1, N1 and N2 steps, no evaluation or checkpoints) divided by
-N2 - N1, so set-up cancels out. Target (issue 14): under contention each at most 2x its idle time.
+two short runs of `api.train` (epochs 1, N1 and N2 steps, no evaluation or checkpoints; after one
+discarded warm-up run) divided by N2 - N1, so set-up cancels out. Target (issue 14): under contention
+each at most 2x its idle time.
 
 Run:  python benchmarks/contention.py [--repeats 3] [--steps 20 60]      (about 3 minutes on 2 cores)
       python benchmarks/contention.py --smoke                                (a few seconds: checks it runs)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +39,7 @@ from virtnet.threads import apply_default, applied
 out, steps = sys.argv[1], [int(s) for s in sys.argv[2:]]
 choice = apply_default(None)
 times = []
-for n in steps:
+for n in [steps[0], *steps]:  # the first run warms up (data cache, allocator): discarded
     sets = [f"train.epochs=1", f"train.max_steps_per_epoch={n}", "train.eval_every=0",
             "train.checkpoint_every=0", "train.progress=false"]
     cfg = load_run_config(demo_config_path(), sets, None, f"{out}/steps{n}")
@@ -45,7 +47,7 @@ for n in steps:
     run = api.train(cfg, log=lambda s: None)
     times.append(time.perf_counter() - t0)
 params = sum(p.numel() for p in run.model.parameters())
-print(json.dumps({"seconds": times, "steps": steps, "threads": choice.threads, "busy": choice.busy,
+print(json.dumps({"seconds": times[1:], "steps": steps, "threads": choice.threads, "busy": choice.busy,
                   "params": params}))
 """
 
@@ -107,6 +109,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs=2, default=(20, 60), metavar=("N1", "N2"))
     p.add_argument("--smoke", action="store_true", help="minimal settings: check that the script runs")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the busy process on the way out
     demo_args: list[str] = []
     steps = tuple(args.steps)
     repeats = args.repeats
