@@ -178,6 +178,8 @@ def test_affinity_is_symmetric_with_ones_on_the_diagonal():
     # tasks never seen on the same examples: the independence value of their marginals
     want = q[0] * q[3] + (1 - q[0]) * (1 - q[3])
     assert float(a[0, 3]) == pytest.approx(float(want))
+    zero = est.matrix(unpaired=0.0)  # unpaired_affinity: 0
+    assert float(zero[0, 3]) == 0.0 and torch.equal(zero[:3, :3], a[:3, :3])
 
 
 def test_affinity_eq6_on_a_hand_made_batch():

@@ -13,7 +13,8 @@ average of the within-batch averages, the batch ``k`` steps ago weighted by ``de
 "error decay factor", 0.99). The pair average of a batch uses the examples labelled for both tasks; a pair
 never labelled on one example (tasks of different input domains, or masked attributes) gets the value the
 two marginals give under independence, ``q_i q_j + (1 - q_i)(1 - q_j)`` with ``q_i = P(e_i = 1)``: what
-is known of the pair without a joint observation. The diagonal is exactly 1.
+is known of the pair without a joint observation (or a fixed value, the option ``unpaired_affinity``: 0
+says that tasks which never share an example have no affinity). The diagonal is exactly 1.
 
 Branch affinity (eqs. 7-8): for branches ``k`` and ``l`` holding task sets ``I_k`` and ``J_l``,
 ``Ã(k, l) = mean_{i in I_k} min_{j in J_l} A(i, j)``, ``Ã(l, k)`` the same with the roles swapped and
@@ -99,10 +100,14 @@ class AffinityEstimator(nn.Module):
         q = self.hard_sum / self.hard_weight.clamp_min(1e-300)
         return torch.where(self.hard_weight > 0, q, torch.full_like(q, 0.5))
 
-    def matrix(self) -> torch.Tensor:
-        """The ``(T, T)`` affinity matrix (float64, CPU): symmetric, ones on the diagonal."""
+    def matrix(self, unpaired: str | float = "independent") -> torch.Tensor:
+        """The ``(T, T)`` affinity matrix (float64, CPU): symmetric, ones on the diagonal. ``unpaired``:
+        the value of pairs never labelled on one example ("independent": from their marginals)."""
         q = self.difficult_rate().cpu()
-        independent = q[:, None] * q[None, :] + (1 - q[:, None]) * (1 - q[None, :])
+        if unpaired == "independent":
+            independent = q[:, None] * q[None, :] + (1 - q[:, None]) * (1 - q[None, :])
+        else:
+            independent = torch.full((len(q), len(q)), float(unpaired), dtype=torch.float64)
         w = self.pair_weight.cpu()
         joint = self.pair_sum.cpu() / w.clamp_min(1e-300)
         a = torch.where(w > 0, joint, independent)

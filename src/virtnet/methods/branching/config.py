@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from virtnet.backbones.vgg import VGG_CONFIGS
@@ -11,32 +13,45 @@ from virtnet.methods.base import MethodConfig
 class BranchingConfig(MethodConfig):
     """``method:`` options of ``branching`` (docs/methods/branching.md has the table)."""
 
-    depth: int = 16  # VGG-n of the thin model: 11, 13, 16 or 19
-    omega: int = Field(
-        default=32, ge=1
-    )  # thinness factor: conv widths min(omega, VGG width), FC widths 2 omega
-    fc_layers: int = Field(default=2, ge=1)  # hidden FC layers (fc6, fc7) of width 2 omega
-    alpha: float = Field(default=1.0, gt=0)  # branching factor (eq. 9): larger creates more branches
-    unit_cost: float = Field(default=0.1, gt=0)  # L0 of eq. 9: cost of one branch above every pooling layer
-    round_steps: int = Field(
-        default=1000, ge=1
-    )  # training steps of a round before its widening (paper: 1000)
-    max_rounds: int | None = Field(
-        default=None, ge=0
-    )  # None: until no branching or the bottom; 0: thin baseline
-    decay: float = Field(
-        default=0.99, gt=0, lt=1
-    )  # weight decay of older mini-batches in the affinity estimate
-    init_from: str | None = None  # checkpoint of a wider VGG (joint, model vgg) for SOMP initialisation
-    attribute_tasks: list[str] = Field(default_factory=list)  # multilabel tasks whose outputs are tasks
-    shared_stem: bool = False  # one conv1 for every task (tasks must share an input shape)
-    final_epochs: int = Field(default=0, ge=0)  # a separate "final" phase of this many epochs after branching
+    # VGG-n of the thin model: 11, 13, 16 or 19
+    depth: int = 16
+    # thinness factor: conv widths min(omega, VGG width), FC widths 2 omega
+    omega: int = Field(default=32, ge=1)
+    # hidden FC layers (fc6, fc7, ...) of width 2 omega
+    fc_layers: int = Field(default=2, ge=1)
+    # branching factor of eq. 9 (> 0): larger creates more branches
+    alpha: float = Field(default=1.0, gt=0)
+    # L0 of eq. 9: the cost of one branch above every pooling layer (doubled per pooling layer below)
+    unit_cost: float = Field(default=0.1, gt=0)
+    # training steps of a round before its widening (the paper: 1000)
+    round_steps: int = Field(default=1000, ge=1)
+    # rounds at most (null: until no branching or the bottom; 0: the thin baseline)
+    max_rounds: int | None = Field(default=None, ge=0)
+    # weight of a mini-batch in the affinity estimate, per newer mini-batch (the paper: 0.99)
+    decay: float = Field(default=0.99, gt=0, lt=1)
+    # affinity of two tasks never labelled on one example: "independent" (from their marginals) or a number
+    unpaired_affinity: Literal["independent"] | float = "independent"
+    # checkpoint of a wider virtnet VGG (joint, model vgg) to initialise from by SOMP (null: random)
+    init_from: str | None = None
+    # multilabel tasks whose outputs are separate tasks of the branching (binary attributes)
+    attribute_tasks: list[str] = Field(default_factory=list)
+    # one conv1_1 for every task (the tasks must share an input shape)
+    shared_stem: bool = False
+    # epochs of a separate "final" phase after the branching phase (0: none)
+    final_epochs: int = Field(default=0, ge=0)
 
     @field_validator("depth")
     @classmethod
     def _depth(cls, v: int) -> int:
         if v not in VGG_CONFIGS:
             raise ValueError(f"VGG depth must be one of {sorted(VGG_CONFIGS)}, got {v}")
+        return v
+
+    @field_validator("unpaired_affinity")
+    @classmethod
+    def _unpaired(cls, v: str | float) -> str | float:
+        if not isinstance(v, str) and not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"must be 'independent' or a number in [0, 1], got {v}")
         return v
 
 

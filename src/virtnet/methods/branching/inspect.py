@@ -50,7 +50,7 @@ def draw_tree(
     ax.set_yticklabels(layer_names)
     ax.set_xticks([])
     ax.set_ylim(-0.5, top + 2.5)
-    ax.set_title(title or "learned tree (orange: junction layers)")
+    ax.set_xlabel(title or "learned tree (orange: junction layers)")
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

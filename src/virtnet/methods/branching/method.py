@@ -158,7 +158,7 @@ class Branching(Method):
         """One round's decision and widening (Algorithm 1's loop body) from the affinity estimated so far;
         returns the new parameters' origins (empty when the round chose one branch and stopped)."""
         c = self.config
-        affinity = model.affinity.matrix()  # (T, T)
+        affinity = model.affinity.matrix(c.unpaired_affinity)  # (T, T)
         branches = model.branches_at(model.active)
         ab = branch_affinity(affinity, branches)  # (c, c)
         below = model.active - 1
@@ -172,6 +172,7 @@ class Branching(Method):
                 "pools_above": pools,
                 "alpha": c.alpha,
                 "unit_cost": c.unit_cost,
+                "unpaired_affinity": c.unpaired_affinity,
                 "batches": int(model.affinity.batches),
                 "branches": [list(b) for b in branches],
                 "affinity": affinity,
