@@ -115,3 +115,13 @@ def test_describe_refuses_what_it_cannot_rebuild():
     bad = {**desc, "class": "os.system"}
     with pytest.raises(CheckpointError, match="not a torch.nn or virtnet module"):
         rebuild(bad)
+
+
+def test_children_keep_their_order_through_a_sorted_json_writer():
+    net = nn.Sequential(*[nn.Linear(3, 3) for _ in range(12)]).eval()  # "10" sorts before "2"
+    desc = json.loads(json.dumps(describe(net), sort_keys=True))
+    again = rebuild(desc)
+    again.load_state_dict(net.state_dict())
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        assert torch.equal(again(x), net(x))

@@ -9,7 +9,9 @@ buffers, and its children. :func:`rebuild` makes the same tree again — each mo
 recorded shapes and dtypes — and the tensors are then loaded from the safetensors file. Nothing is
 unpickled and no constructor runs, so a class whose constructor needs the training config rebuilds all
 the same; an attribute that is neither plain data nor a module (a cache, a partition object) must be
-absent from an exported network, and :func:`describe` refuses it by name.
+absent from an exported network, and :func:`describe` refuses it by name. Children are a list of
+``[name, description]`` pairs, so their order (a ``Sequential``'s computation) survives a JSON writer
+that sorts keys.
 """
 
 from __future__ import annotations
@@ -102,9 +104,10 @@ def describe(module: nn.Module, where: str = "network") -> dict[str, Any]:
         "none_parameters": [n for n, p in module._parameters.items() if p is None],
         "buffers": buffers,
         "non_persistent": sorted(module._non_persistent_buffers_set),
-        "children": {
-            n: (None if c is None else describe(c, f"{where}.{n}")) for n, c in module._modules.items()
-        },
+        # a list, not a mapping: JSON writers may sort keys, and a Sequential's order is its computation
+        "children": [
+            [n, None if c is None else describe(c, f"{where}.{n}")] for n, c in module._modules.items()
+        ],
     }
 
 
@@ -140,7 +143,7 @@ def rebuild(desc: dict[str, Any], where: str = "network") -> nn.Module:
         for n, spec in desc["buffers"].items():
             m._buffers[n] = None if spec is None else torch.empty(spec["shape"], dtype=_DTYPES[spec["dtype"]])
         m._non_persistent_buffers_set = set(desc.get("non_persistent", []))
-        for n, c in desc["children"].items():
+        for n, c in desc["children"]:
             m._modules[n] = None if c is None else rebuild(c, f"{where}.{n}")
         m.training = bool(desc["training"])
     except CheckpointError as e:
