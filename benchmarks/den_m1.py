@@ -1,7 +1,8 @@
 """Benchmark: DEN scenario M1 at small scale (issue 11): three real sets of different input sizes — the
 digits (8x8), MNIST (28x28) and KMNIST-10k (28x28; these loaders have no resize or channel option,
-so all three have one channel) — one DEN per rho in {0.1, 1}, beside the individual backbones, NestedNet and grouped PackNet, the full estimator and "rand sel" (the estimator
-with random structures, matched to DEN's mean FLOPs per task), all on the full test splits.
+so all three have one channel) — one DEN per rho in {0.1, 1}, beside the individual backbones,
+NestedNet and grouped PackNet, the full estimator and "rand sel" (the estimator with random structures,
+matched to DEN's mean FLOPs per task), all on the full test splits.
 
 DEN rows: ``flops`` is the mean estimator FLOPs per instance (``max_flops``, ``selector_flops``,
 ``mean_flops_with_selector`` beside it), ``params`` the estimator's (``selector_params`` beside it).
