@@ -450,3 +450,35 @@ def test_a_batch_with_no_labels_for_a_task_is_masked_without_nan():
     assert torch.isfinite(out["loss"]) and float(out["loss/a"]) == 0.0
     out["loss"].backward()
     assert torch.isfinite(model.affinity.matrix()).all()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_run_interrupted_after_a_widening_resumes_to_the_same_weights(widened, tmp_path, monkeypatch):
+    """The loop applies the saved structure (the widened tree) before loading the tensors on resume."""
+    cfg = _config(str(tmp_path / "cut"))
+    cfg["train"] = {**cfg["train"], "checkpoint_every_steps": 1}
+    cls = type(widened.method)
+    step = cls.training_step
+    calls = {"n": 0}
+
+    def stopping(self, model, batches, phase):
+        calls["n"] += 1
+        if calls["n"] == 6:  # after the widenings at steps 2 and 4
+            raise _Stop
+        return step(self, model, batches, phase)
+
+    monkeypatch.setattr(cls, "training_step", stopping)
+    with pytest.raises(_Stop):
+        api.train(cfg, log=lambda s: None)
+    monkeypatch.setattr(cls, "training_step", step)
+    saved = json.loads((tmp_path / "cut" / "checkpoints" / "last.json").read_text())
+    assert saved["structure"]["rounds"], "the interrupted run should have widened before stopping"
+    resumed = api.train(cfg, resume=True, log=lambda s: None)
+    assert resumed.model.tree == widened.model.tree
+    want, got = widened.model.state_dict(), resumed.model.state_dict()
+    assert set(want) == set(got)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k

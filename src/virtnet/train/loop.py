@@ -104,6 +104,15 @@ class LoopState:
     global_step: int = 0
 
 
+def load_saved(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Make ``model`` the one ``ckpt`` saved: its structure first (a topology that changed during
+    training, e.g. a widened tree), then its tensors."""
+    structure = ckpt.meta.get("structure")
+    if structure is not None:
+        model.apply_structure(structure)  # type: ignore[operator]
+    load_model_state(model, ckpt.model_state, str(ckpt.path))
+
+
 class Trainer:
     """Runs a method's phases over a task set.
 
@@ -307,12 +316,11 @@ class Trainer:
             f"(phase {self.state.phase}, epoch {self.state.epoch}, step {self.state.step})"
         )
         if self.state.epoch == 0 and self.state.step == 0:  # at a phase boundary
-            load_model_state(self.model, ckpt.model_state, str(ckpt.path))
+            load_saved(self.model, ckpt)
             return True, None
         k = self.state.phase  # mid-phase: first the weights the phase started with, for on_phase_start
         start = last.parent / ("start" if k == 0 else f"phase-{k - 1}")
-        first = load_checkpoint(start)
-        load_model_state(self.model, first.model_state, str(first.path))
+        load_saved(self.model, load_checkpoint(start))
         return True, ckpt
 
     def _phase(self, k: int) -> Phase | None:
@@ -347,8 +355,8 @@ class Trainer:
     def _run_phase(self, phase: Phase, ckpt: Checkpoint | None) -> None:
         cfg, rt, model = self.cfg, self.runtime, self.model
         self.method.on_phase_start(model, phase)
-        if ckpt is not None:  # mid-phase resume: weights over what on_phase_start made
-            load_model_state(model, ckpt.model_state, str(ckpt.path))
+        if ckpt is not None:  # mid-phase resume: weights (and structure) over what on_phase_start made
+            load_saved(model, ckpt)
         loader = MultiTaskLoader(
             self.taskset,
             cfg.batch_size,
