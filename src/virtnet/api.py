@@ -423,8 +423,19 @@ EXPORT_FORMAT = "virtnet-export"
 EXPORT_VERSION = 2
 
 
-def export_network(loaded: Loaded, task: str, level: int, path: str | Path) -> Path:
+def export_network(
+    loaded: Loaded,
+    task: str,
+    level: int,
+    path: str | Path,
+    format: str = "safetensors",
+    external_data: bool = False,
+) -> Path:
     """Write (task, level)'s standalone network as ``<path>.safetensors`` + ``<path>.json``.
+
+    ``format`` ``"onnx"`` writes ``<path>.onnx`` and ``"pt2"`` ``<path>.pt2`` instead: standalone graphs
+    that start with the task's input normalisation (:mod:`virtnet.export.onnx`; ``external_data``: ONNX
+    weights in a side file); :func:`load_deployed` reads any of the three.
 
     The JSON describes the network fully — its module tree (:func:`virtnet.export.network.describe`),
     the task's spec with its input normalisation, the level, where it came from — so
@@ -434,6 +445,8 @@ def export_network(loaded: Loaded, task: str, level: int, path: str | Path) -> P
     from virtnet.export.network import describe
     from virtnet.storage import write_pair
 
+    if format != "safetensors":
+        return export_deployed(loaded, task, level, path, format, external_data)
     net = loaded.method.export(loaded.model, task, level)
     lv = loaded.method.level(loaded.model, task, level)
     spec = loaded.model.spec(task)  # type: ignore[operator]
@@ -490,3 +503,104 @@ def read_exported(path: str | Path) -> Exported:
 def load_exported(path: str | Path) -> nn.Module:
     """The network of an exported file pair (eval mode); see :func:`read_exported`."""
     return read_exported(path).network
+
+
+# ---- deployment: ONNX / pt2 exports, the multi-task runtime, the planner, benchmarks -------------------
+def export_deployed(
+    loaded: Loaded,
+    task: str,
+    level: int,
+    path: str | Path,
+    format: str = "onnx",
+    external_data: bool = False,
+) -> Path:
+    """Write (task, level)'s standalone network as ONNX (``<path>.onnx``) or pt2 (``<path>.pt2``), its
+    graph starting with the task's ``(x - mean) / std``: fed ``float32`` pixels in [0, 1]. ConfigError
+    for an unknown format or a network the format cannot hold (see :mod:`virtnet.export.onnx`)."""
+    from virtnet.export import onnx as deploy
+
+    deploy.check_format(format)
+    if format == "safetensors":
+        return export_network(loaded, task, level, path)
+    lv = loaded.method.level(loaded.model, task, level)
+    spec = loaded.model.spec(task)  # type: ignore[operator]
+    net = loaded.method.export(loaded.model, task, lv.index)
+    method = loaded.meta.get("method")
+    what = f"method '{method}' task '{task}' level {lv.index}"
+    meta = deploy.describe_deployed(
+        spec,
+        lv.index,
+        {
+            "level_name": lv.name,
+            "method": method,
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "source": str(loaded.path),
+            "exported_as": format,
+        },
+    )
+    out = deploy.output_path(path, format)
+    if format == "onnx":
+        return deploy.export_onnx(net, spec, out, meta, external_data=external_data, what=what)
+    return deploy.export_pt2(net, spec, out, meta, what=what)
+
+
+def load_deployed(path: str | Path, threads: int | None = 1) -> Any:
+    """Read any exported network — ``.onnx`` (an onnxruntime session), ``.pt2`` (``torch.export.load``)
+    or a safetensors pair — as a :class:`virtnet.export.onnx.Deployed`: called on ``float32`` pixels in
+    [0, 1] ``(B, C, S, S)``, it returns the logits (numpy). The ONNX and pt2 graphs normalise inside;
+    for a safetensors pair the normalisation recorded in its JSON is applied before the network."""
+    from virtnet.export import onnx as deploy
+
+    p = Path(path)
+    if p.suffix == ".onnx":
+        return deploy.read_onnx(p, threads)
+    if p.suffix == ".pt2":
+        return deploy.read_pt2(p)
+    ex = read_exported(p)
+    meta = deploy.describe_deployed(ex.spec, ex.level, {"method": ex.meta.get("method")})
+    module = deploy.Normalised(ex.network, ex.spec).eval()
+    return deploy.Deployed("safetensors", ex.spec, ex.level, meta, ex.path, module=module)
+
+
+def runtime(
+    path: str | Path,
+    accuracy: Any = "val",
+    data_root: str | None = None,
+    threads: int | None = None,
+) -> Any:
+    """A :class:`virtnet.export.runtime.Runtime` over a checkpoint (loaded once); the planner maximises
+    the ``accuracy`` split's accuracy (``"val"``, ``"test"``, a ``{(task, level): acc}`` mapping, or None
+    for the largest levels)."""
+    from virtnet.export.runtime import Runtime
+
+    return Runtime.load(path, accuracy, data_root, threads)
+
+
+def plan(
+    loaded: Loaded,
+    budget: Any,
+    tasks: list[str] | None = None,
+    accuracy: Any = "val",
+    data_root: str | None = None,
+) -> dict[str, Any]:
+    """One level per task of ``tasks`` (default: all) within a total ``budget`` (``params=N`` or
+    ``bytes=N``), maximising the summed accuracy, shared parameters counted once; applied in a runtime,
+    which reports the resident memory it measured beside the estimate (``measured``)."""
+    from virtnet.export.runtime import Runtime, level_accuracy
+
+    split: str | None = "given" if accuracy is not None else None
+    acc = accuracy
+    if isinstance(accuracy, str):
+        acc, split = level_accuracy(loaded, accuracy, data_root)
+    rt = Runtime(loaded.method, loaded.model, acc)
+    out = rt.plan(budget, tasks or [s.name for s in loaded.specs]).to_dict()
+    out["selected_on"] = split
+    return out
+
+
+def bench(loaded: Loaded, **options: Any) -> dict[str, Any]:
+    """Latency of every (task, level) export in eager PyTorch and onnxruntime beside its FLOPs ratio and
+    a plain network of the same shape; see :func:`virtnet.export.bench.bench_model`."""
+    from virtnet.export.bench import bench_model
+
+    return bench_model(loaded.method, loaded.model, source=str(loaded.path), **options)

@@ -1,4 +1,4 @@
-"""``virtnet`` command line: ``train``, ``eval``, ``info``, ``export``, ``demo``.
+"""``virtnet`` command line: ``train``, ``eval``, ``info``, ``export``, ``bench``, ``plan``, ``demo``.
 
 Every bad input ends with one line ``virtnet: error: <what is wrong>`` on stderr and exit status 2. A
 closed stdout (``virtnet eval RUN --json | head -1``) ends quietly. Torch's threads follow
@@ -238,12 +238,129 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     loaded = api.load(args.checkpoint)
     level = api.resolve_level(loaded, args.task, args.budget if args.budget else args.level)
+    fmt = getattr(args, "format", "safetensors")
+    if fmt != "safetensors":
+        return cmd_export_deployed(args, loaded, level)
     path = api.export_network(loaded, args.task, level, args.output)
     net = api.load_exported(path)
     from virtnet.cost import count_parameters
 
     print(f"exported task {args.task} level {level}: {count_parameters(net):,} parameters -> {path}")
     return 0
+
+
+def cmd_export_deployed(args: argparse.Namespace, loaded: Any, level: int) -> int:
+    """``export --format onnx|pt2``: a standalone graph (normalisation inside), read back to check it."""
+    from virtnet import api
+
+    path = api.export_network(
+        loaded, args.task, level, args.output, format=args.format, external_data=args.external_data
+    )
+    dep = api.load_deployed(path)
+    n = dep.meta.get("parameters")
+    print(
+        f"exported task {args.task} level {level} as {args.format}: {n:,} parameters -> {path} "
+        f"(input: float32 pixels in [0, 1], normalised inside the graph)"
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``bench``: every (task, level) export timed in eager PyTorch and onnxruntime beside a plain
+    network of the same shape; JSON, markdown and a speed-up plot."""
+    from virtnet import api
+    from virtnet.export.bench import plot_speedup, summary_lines
+
+    check_plot_path(args.plot)
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    loaded = api.load(args.checkpoint)
+    tasks = _name_list(args.tasks)
+    out = api.bench(
+        loaded,
+        tasks=tasks,
+        batch_sizes=batch_sizes,
+        threads=args.threads,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        onnx=not args.no_onnx,
+        plain=not args.no_plain,
+        label=loaded.meta.get("method"),
+    )
+    rows = out["rows"]
+    if args.plot:
+        plot_speedup(rows, args.plot, batch=max(batch_sizes))
+    if args.report:
+        from virtnet.cost import write_report
+
+        meta = {"command": "virtnet " + " ".join(sys.argv[1:]), "seed": 0, **out["settings"]}
+        write_report(rows, args.report, meta)
+    if args.json:
+        print(json.dumps({"checkpoint": str(loaded.path), **out}, indent=2, default=float))
+        return 0
+    cols = [("task", "task"), ("level", "level"), ("params", "params"), ("flops", "FLOPs (2 per MAC)")]
+    cols.append(("flops_ratio", "FLOPs ratio"))
+    for b in batch_sizes:
+        for key, head in (
+            ("latency_ms", "eager {} (ms)"),
+            ("ort_ms", "onnxruntime {} (ms)"),
+            ("speedup_eager", "speed-up eager {}"),
+            ("speedup_ort", "speed-up ort {}"),
+            ("over_plain_eager", "vs plain eager {}"),
+            ("over_plain_ort", "vs plain ort {}"),
+        ):
+            cols.append((f"{key}_b{b}", head.format(f"b{b}")))
+    threads = out["settings"]["threads"]
+    print(f"{loaded.meta.get('method')}: {threads} thread(s), median of {args.repeats} calls after warm-up")
+    shown = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    print(table(shown, cols))
+    for line in summary_lines(rows, batch_sizes):
+        print(line)
+    if args.plot:
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``plan``: one level per running task within a total budget, applied in the runtime, with the
+    resident memory measured beside the planner's estimate."""
+    from virtnet import api
+
+    loaded = api.load(args.checkpoint)
+    tasks = _name_list(args.tasks)
+    accuracy: Any = None if args.split == "none" else args.split
+    out = api.plan(loaded, args.budget, tasks, accuracy=accuracy, data_root=args.data_root)
+    if args.json:
+        print(json.dumps(out, indent=2, default=float))
+        return 0
+    m = out["measured"]
+    print(f"plan under {out['budget']} ({out['objective']} on the {out['selected_on'] or 'no'} split):")
+    for t, lv in out["levels"].items():
+        print(f"  {t}: level {lv} ({out['accuracy'][t]:.2f})")
+    print(
+        f"estimate: {out['params']:,} parameters (shared once), {out['bytes']:,} bytes; "
+        f"measured resident: {m['params']:,} parameters, {m['bytes']:,} bytes "
+        f"({m['bytes_over_estimate']:.3f} x the estimate)"
+    )
+    return 0
+
+
+def _int_list(text: str, key: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{key} {text}: expected comma-separated positive integers, e.g. 1,64") from None
+    if not vals or any(v < 1 for v in vals):
+        raise ConfigError(f"{key} {text}: expected comma-separated positive integers, e.g. 1,64")
+    return vals
+
+
+def _name_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ConfigError(f"--tasks {text!r}: expected comma-separated task names")
+    return names
 
 
 PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -431,7 +548,44 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--level", type=int, help="level index (default: the largest)")
     x.add_argument("--budget", help="largest level within a budget instead of --level")
     x.add_argument("-o", "--output", required=True, help="output stem: writes STEM.safetensors and STEM.json")
+    x.add_argument(
+        "--format",
+        default="safetensors",
+        choices=["safetensors", "onnx", "pt2"],
+        help="safetensors + JSON (virtnet), onnx (STEM.onnx) or pt2 (STEM.pt2, torch.export)",
+    )
+    x.add_argument("--external-data", action="store_true", help="onnx: weights in a side file STEM.onnx.data")
     x.set_defaults(func=cmd_export)
+
+    bn = sub.add_parser("bench", help="time every (task, level) export: eager PyTorch, onnxruntime, plain")
+    bn.add_argument("checkpoint")
+    bn.add_argument("--tasks", help="comma-separated tasks (default: all)")
+    bn.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes (default 1,64)")
+    bn.add_argument("--threads", type=int, default=1, help="intra-op threads in both runtimes (default 1)")
+    bn.add_argument("--warmup", type=int, default=5)
+    bn.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (median)")
+    bn.add_argument("--no-onnx", action="store_true", help="eager PyTorch only")
+    bn.add_argument("--no-plain", action="store_true", help="skip the plain networks of the same shape")
+    bn.add_argument("--json", action="store_true")
+    bn.add_argument("--report", metavar="STEM", help="write STEM.json, STEM.csv and STEM.md")
+    bn.add_argument("--plot", help="write a speed-up against FLOPs ratio plot (PNG) here")
+    bn.set_defaults(func=cmd_bench)
+
+    pl = sub.add_parser("plan", help="one level per task within a total budget, run in the runtime")
+    pl.add_argument("checkpoint")
+    pl.add_argument(
+        "--budget", required=True, help="total over the tasks: params=N or bytes=N (k, M, MiB ...)"
+    )
+    pl.add_argument("--tasks", help="comma-separated running tasks (default: all)")
+    pl.add_argument(
+        "--split",
+        default="val",
+        choices=["val", "test", "none"],
+        help="accuracy maximised (val falls back to test without a validation split; none: largest levels)",
+    )
+    pl.add_argument("--data-root")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("info", help="tasks, budgets, parameters and FLOPs of a checkpoint")
     i.add_argument("checkpoint")
