@@ -8,10 +8,13 @@ trained without recorded statistics gets the identity (mean 0, std 1). The file 
 description (key ``virtnet``: the task's spec, level, method, source checkpoint, what the input is), in
 the ONNX model's ``metadata_props`` and in the pt2 archive's ``extra/virtnet.json``.
 
-* ONNX: :func:`export_onnx` runs ``torch.onnx.export`` with this torch's default (``torch.export``-based)
-  exporter, which needs ``onnxscript``, a dynamic batch dimension and the weights in the ``.onnx`` file
-  itself unless ``external_data`` asks for a side file (PITFALLS.md: that exporter writes a side file by
-  default). :func:`read_onnx` checks a file and opens an onnxruntime session on it.
+* ONNX: :func:`export_onnx` traces the network with ``torch.export`` (a dynamic batch dimension) and
+  converts the program with this torch's default (``torch.export``-based) ONNX exporter, which needs
+  ``onnxscript``; the weights go in the ``.onnx`` file itself unless ``external_data`` asks for a side file
+  (PITFALLS.md: that exporter writes a side file by default). ``torch.onnx.export`` rebuilds the
+  exporter's operator registry on every call (about 2 s); virtnet builds it once per process and calls
+  the same exporter's core with it, falling back to ``torch.onnx.export`` when a torch lacks that entry
+  point. :func:`read_onnx` checks a file and opens an onnxruntime session on it.
 * pt2: :func:`export_pt2` / :func:`read_pt2` through ``torch.export.save`` / ``torch.export.load``.
 
 The network given is an already physically smaller export (:meth:`virtnet.methods.Method.export`): ONNX
@@ -21,6 +24,7 @@ keeps every weight a module holds, so slicing must happen before (PITFALLS.md).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import warnings
@@ -150,6 +154,51 @@ def export_program(network: nn.Module, spec: TaskSpec, what: str = "network") ->
         raise ConfigError(f"{what}: cannot be exported with torch.export: {_first_line(e)}") from None
 
 
+@functools.lru_cache(maxsize=1)
+def _registry() -> Any:
+    """The default exporter's operator registry for its default opset, built once per process (what
+    ``torch.onnx.export`` rebuilds on every call: about 2 s); None when this torch lacks the entry point."""
+    try:
+        from torch.onnx import _constants as onnx_constants
+        from torch.onnx._internal.exporter import _constants, _core, _registration  # noqa: F401
+    except ImportError:
+        return None
+    opset = onnx_constants.ONNX_DEFAULT_OPSET
+    registry = _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, _constants.TORCHLIB_OPSET))
+    return opset, registry
+
+
+def _to_onnx(program: torch.export.ExportedProgram, x: torch.Tensor, external_data: bool) -> Any:
+    """``torch.onnx.export(program, dynamo=True)`` — the default exporter — with its registry built once
+    (falls back to the public call when the exporter's core entry point is not there)."""
+    cached = _registry()
+    if cached is not None:
+        from torch.onnx._internal.exporter import _core
+
+        opset, registry = cached
+        return _core.export(
+            program,
+            (x,),
+            registry=registry,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            optimize=True,
+            verbose=False,
+            opset_version=opset,
+        )
+    return torch.onnx.export(
+        program,
+        (x,),
+        None,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamo=True,
+        external_data=external_data,
+        optimize=True,
+        verbose=False,
+    )
+
+
 def export_onnx(
     network: nn.Module,
     spec: TaskSpec,
@@ -176,17 +225,7 @@ def export_onnx(
     program = export_program(network, spec, what)
     try:
         with _quiet_exporter():
-            onnx_program = torch.onnx.export(
-                program,
-                (_example(spec),),
-                None,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamo=True,
-                external_data=external_data,
-                optimize=True,
-                verbose=False,
-            )
+            onnx_program = _to_onnx(program, _example(spec), external_data)
     except Exception as e:  # noqa: BLE001 (the exporter raises many types)
         raise ConfigError(f"{what}: cannot be exported as onnx: {_first_line(e)}") from None
     if onnx_program is None:
