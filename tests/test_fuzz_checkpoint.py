@@ -59,6 +59,7 @@ atexit.register(shutil.rmtree, WORK, True)
 def _check(tbytes: bytes, jbytes: bytes, counter: str, fallback: bool = False) -> None:
     """Load the pair; the one rule."""
     COUNTS[counter] = COUNTS.get(counter, 0) + 1
+    WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "ck.safetensors").write_bytes(tbytes)
     (WORK / "ck.json").write_bytes(jbytes)
     try:

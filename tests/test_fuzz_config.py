@@ -160,6 +160,7 @@ def test_damaged_text_non_utf8_bytes_and_duplicate_keys(kind, data):
     else:
         raw = data.draw(st.binary(max_size=64))
     COUNTS["text"] = COUNTS.get("text", 0) + 1
+    WORK.mkdir(parents=True, exist_ok=True)
     path = WORK / f"fuzz.{kind}"
     path.write_bytes(raw)
     try:
@@ -177,6 +178,7 @@ def test_duplicate_keys_are_refused_in_every_format():
         ("d.json", '{"seed": 1, "seed": 2}'),
         ("d.toml", "seed = 1\nseed = 2\n"),
     ):
+        WORK.mkdir(parents=True, exist_ok=True)
         (WORK / name).write_text(text)
         try:
             read_config_file(WORK / name)
