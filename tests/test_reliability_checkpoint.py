@@ -174,6 +174,19 @@ def test_sigterm_while_writing_removes_temp_files_then_runs_the_previous_handler
         signal.signal(signal.SIGTERM, old)
 
 
+def test_a_previous_handler_that_returns_lets_the_write_finish(tmp_path, monkeypatch):
+    flags = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: flags.append(signum))  # "stop after this step"
+    try:
+        _signal_while_writing(monkeypatch, signal.SIGTERM)
+        save_checkpoint(tmp_path / "last", state(5.0), meta(5))
+        assert flags == [signal.SIGTERM]
+        assert listing(tmp_path) == ["last.json", "last.safetensors"]
+        assert torch.equal(load_checkpoint(tmp_path / "last").model_state["w"], torch.full((2, 3), 5.0))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 # ---- the sidecar schema: one line naming the file and the key ---------------------------------------
 def _edit(tmp_path, fn):
     stem = tmp_path / "ck"

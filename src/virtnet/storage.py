@@ -119,8 +119,10 @@ def _remove_live_temps() -> None:
 
 @contextlib.contextmanager
 def temp_files_removed_on_signal() -> Iterator[None]:
-    """While inside, SIGTERM and SIGINT first remove the temporary files being written, then run the
-    previous handler (or the default action: SIGTERM ends the process, SIGINT raises KeyboardInterrupt).
+    """While inside, SIGTERM and SIGINT run the previous handler; when it raises (Python's SIGINT handler
+    raises KeyboardInterrupt) or is the default action (SIGTERM ends the process), the temporary files
+    being written are removed first. A previous handler that returns (a loop setting a "stop after this
+    step" flag) lets the write finish.
     The previous handlers are restored on exit. Outside the main thread this does nothing (Python only
     installs handlers there); the files are then removed by the ``except`` in :func:`_atomic_write`."""
     if threading.current_thread() is not threading.main_thread():
@@ -129,17 +131,21 @@ def temp_files_removed_on_signal() -> Iterator[None]:
     previous: dict[int, Any] = {}
 
     def handler(signum: int, frame: Any) -> None:
-        _remove_live_temps()
         prev = previous.get(signum)
-        if callable(prev):
-            prev(signum, frame)
-        elif prev == signal.SIG_IGN:
+        if callable(prev):  # e.g. Python's SIGINT handler, or a training loop's "stop after this step"
+            try:
+                prev(signum, frame)
+            except BaseException:
+                _remove_live_temps()  # the process is unwinding: leave no temporary file
+                raise
+            return  # the previous handler chose to go on: so does the write
+        if prev == signal.SIG_IGN:
             return
-        elif signum == signal.SIGINT:
+        _remove_live_temps()
+        if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        else:  # SIG_DFL: die of the signal as the process would have
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        signal.signal(signum, signal.SIG_DFL)  # SIG_DFL: die of the signal as the process would have
+        os.kill(os.getpid(), signum)
 
     for s in (signal.SIGTERM, signal.SIGINT):
         try:
