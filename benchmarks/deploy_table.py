@@ -1,0 +1,326 @@
+"""Benchmark: deployed networks (issue 13) — Table-2-style rows of exported DVN levels, PackNet and fused
+adapters, in eager PyTorch and onnxruntime, beside plain networks of the same shape; the multi-task
+runtime's level switch and resident memory.
+
+Models: built through the public API on synthetic 32x32x3 tasks (one training step per phase, so that
+sequential methods have added their tasks and PackNet has pruned): **the weights are essentially random**
+— latency does not depend on the weights' values, and no accuracy is reported. Backbone WRN-16-4
+(``--depth``, ``--widen``); DVN with 4 units (levels 1..4 = 1/4..4/4 of every layer's channels, level 1
+about 1/16 of the FLOPs), PackNet (its last task's export: dense, masked), series adapters (the last
+domain's export: adapters fused into the kernels).
+
+Timing, per network, at batch 1 and 64 with ``--threads`` fixed in both runtimes: eager PyTorch
+(:func:`virtnet.cost.latency_profile`, NCHW and channels_last, the faster used) and onnxruntime (the
+network written by ``virtnet export --format onnx``'s exporter, a CPU session); median of ``--repeats``
+calls after warm-up, then the median over ``--rounds`` interleaved rounds (each round times every export
+and its plain network back to back). Plain network of the same shape: DVN level l is the backbone built
+directly at width l/4; PackNet's and the adapters' exports have the backbone's shape, so their plain
+network is the backbone itself.
+
+Claims: every export runs at >= 0.95 x the speed of its plain network (eager and onnxruntime, worst row
+and batch size); in onnxruntime DVN level 1 is >= 12 x faster than the full network at batch 64; the
+runtime (a 2-task DVN) switches a task's level in < 10 ms without reloading (median switch between
+prepared levels; the cut of an unprepared level from the packed model is recorded beside it); resident
+memory measured after each plan of a sweep of budgets is within 1.2 x the planner's estimate (worst plan).
+
+Run (idle machine):  python benchmarks/deploy_table.py --threads 2
+Smoke (tiny):        python benchmarks/deploy_table.py --quick --out /tmp/deploy_smoke
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from _common import claim, parser, write_results  # noqa: E402
+
+from virtnet import api  # noqa: E402
+from virtnet.backbones.registry import BackboneConfig, build_multitask  # noqa: E402
+from virtnet.cost import bytes_on_disk, count_flops, count_parameters, latency_profile  # noqa: E402
+from virtnet.export.bench import ort_latency, plot_speedup  # noqa: E402
+from virtnet.export.onnx import describe_deployed, export_onnx, ort_session  # noqa: E402
+from virtnet.export.runtime import Runtime  # noqa: E402
+
+
+def build_run(method: str, options: dict, model: dict, size: int, tasks: int, work: Path, seed: int):
+    """A model of ``method`` on ``tasks`` synthetic tasks, one step per phase (random-like weights)."""
+    data = {
+        "tasks": [
+            {
+                "name": f"t{i + 1}",
+                "dataset": "synthetic",
+                "options": {
+                    "num_classes": 10,
+                    "size": size,
+                    "channels": 3,
+                    "num_train": 16,
+                    "num_test": 8,
+                    "seed": i,
+                },
+            }
+            for i in range(tasks)
+        ]
+    }
+    cfg = {
+        "seed": seed,
+        "output_dir": str(work / method),
+        "data": data,
+        "model": model,
+        "method": {"name": method, **options},
+        "train": {
+            "epochs": 1,
+            "batch_size": 8,
+            "max_steps_per_epoch": 1,
+            "eval_every": 0,
+            "checkpoint_every": 0,
+        },
+        "cost": {"measure_latency": False},
+    }
+    run = api.train(cfg, log=lambda s: None)
+    return run.method, run.model.eval()
+
+
+def time_pair(entries, spec, args, work: Path) -> dict:
+    """Median latencies of every network in ``entries`` ({name: net}) over interleaved rounds."""
+    sessions = {
+        name: ort_session(
+            export_onnx(net, spec, work / f"{name}.onnx", describe_deployed(spec, 0), what=name), args.threads
+        )
+        for name, net in entries.items()
+    }
+    samples: dict[tuple, list[float]] = {}
+    contended = False
+    for _ in range(args.rounds):
+        for name, net in entries.items():
+            for b in (1, 64):
+                reps = args.repeats_b1 if b == 1 else args.repeats
+                pr = latency_profile(
+                    net, spec.input_shape, (b,), threads=args.threads, warmup=args.warmup, repeats=reps
+                )
+                contended = contended or pr["contended"]
+                for fmt in ("nchw", "channels_last"):
+                    samples.setdefault((name, b, fmt), []).append(pr["batches"][b][fmt]["median_ms"])
+                samples.setdefault((name, b, "ort"), []).append(
+                    ort_latency(sessions[name], spec.input_shape, b, args.warmup, reps)["median_ms"]
+                )
+    out: dict = {"contended": contended}
+    for (name, b, kind), xs in samples.items():
+        out[(name, b, kind)] = statistics.median(xs)
+    for name in entries:
+        for b in (1, 64):
+            fmt = min(("nchw", "channels_last"), key=lambda f: out[(name, b, f)])
+            out[(name, b, "eager")] = out[(name, b, fmt)]
+            out[(name, b, "format")] = fmt
+    return out
+
+
+def rows_for(label, method, model, task, plains, args, work, scenario) -> list[dict]:
+    spec = model.spec(task)
+    levels = method.levels(model, task)
+    rows = []
+    for lv in levels:
+        net = method.export(model, task, lv.index)
+        plain = plains(lv.index)
+        assert count_parameters(plain) == count_parameters(net), f"{label}: the plain network's shape differs"
+        t = time_pair({"export": net, "plain": plain}, spec, args, work / f"{label}_{task}_{lv.index}")
+        row = {
+            "method": label,
+            "scenario": scenario,
+            "task": task,
+            "level": lv.index,
+            "level_name": lv.name,
+            "accuracy": None,
+            "params": count_parameters(net),
+            "flops": count_flops(net, spec.input_shape),
+            "bytes": bytes_on_disk(net),
+            "contended": t["contended"],
+        }
+        for b in (1, 64):
+            row[f"latency_ms_b{b}"] = t[("export", b, "eager")]
+            row[f"format_b{b}"] = t[("export", b, "format")]
+            row[f"ort_ms_b{b}"] = t[("export", b, "ort")]
+            row[f"plain_ms_b{b}"] = t[("plain", b, "eager")]
+            row[f"plain_ort_ms_b{b}"] = t[("plain", b, "ort")]
+            row[f"over_plain_eager_b{b}"] = row[f"plain_ms_b{b}"] / row[f"latency_ms_b{b}"]
+            row[f"over_plain_ort_b{b}"] = row[f"plain_ort_ms_b{b}"] / row[f"ort_ms_b{b}"]
+        rows.append(row)
+        print(
+            f"{label} {task}@{lv.index}: eager b64 {row['latency_ms_b64']:.2f} ms "
+            f"(plain {row['plain_ms_b64']:.2f}), ort b64 {row['ort_ms_b64']:.2f} ms "
+            f"(plain {row['plain_ort_ms_b64']:.2f})",
+            flush=True,
+        )
+    top = rows[-1]
+    for r in rows:
+        r["flops_ratio"] = r["flops"] / top["flops"]
+        for b in (1, 64):
+            for key, plain_key, name in (
+                ("latency_ms", "plain_ms", "eager"),
+                ("ort_ms", "plain_ort_ms", "ort"),
+            ):
+                r[f"speedup_{name}_b{b}"] = top[f"{key}_b{b}"] / r[f"{key}_b{b}"]
+                r[f"plain_speedup_{name}_b{b}"] = top[f"{plain_key}_b{b}"] / r[f"{plain_key}_b{b}"]
+    return rows
+
+
+def runtime_figures(method, model, switches: int) -> dict:
+    """Level switches between prepared levels, cold cuts, and resident memory over a sweep of budgets."""
+    rt = Runtime(method, model)
+    tasks = list(model.tasks)
+    top = rt.planner.cost({t: max(model.levels(t)) for t in tasks})
+    smallest = rt.planner.cost({t: min(model.levels(t)) for t in tasks})
+    plans = []
+    for frac in (1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.1):
+        value = max(int(top * frac), smallest)
+        t0 = time.perf_counter()
+        p = rt.plan(f"params={value}", tasks)
+        plans.append(
+            {
+                "budget": p.budget,
+                "levels": p.levels,
+                "estimate_params": p.params,
+                "estimate_bytes": p.bytes,
+                "measured_params": p.measured["params"],
+                "measured_bytes": p.measured["bytes"],
+                "bytes_over_estimate": p.measured["bytes_over_estimate"],
+                "params_over_estimate": p.measured["params_over_estimate"],
+                "store_bytes": p.measured["store_bytes"],
+                "plan_ms": (time.perf_counter() - t0) * 1e3,
+            }
+        )
+    task = tasks[0]
+    rt.prepare(task)
+    levels = model.levels(task)
+    times = [rt.switch(task, levels[i % len(levels)]) for i in range(switches)]
+    cold = []
+    for lv in levels:
+        rt.switch(task, levels[-1] if lv != levels[-1] else levels[0])
+        rt.release(task, lv)
+        cold.append(rt.switch(task, lv))
+    return {
+        "plans": plans,
+        "switch_ms_median": statistics.median(times),
+        "switch_ms_max": max(times),
+        "cold_switch_ms_median": statistics.median(cold),
+        "worst_bytes_over_estimate": max(p["bytes_over_estimate"] for p in plans),
+        "worst_params_over_estimate": max(p["params_over_estimate"] for p in plans),
+    }
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=16)
+    p.add_argument("--widen", type=int, default=4)
+    p.add_argument("--size", type=int, default=32, help="input size (32x32x3)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement at batch 64")
+    p.add_argument("--repeats-b1", type=int, default=100, help="timed calls per measurement at batch 1")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians over rounds)")
+    p.add_argument("--switches", type=int, default=200, help="level switches timed in the runtime")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny smoke settings (WRN-10-1 at 16x16, few repeats)"
+    )
+    args = p.parse_args()
+    if args.quick:
+        args.depth, args.widen, args.size = 10, 1, 16
+        args.repeats, args.repeats_b1, args.warmup, args.rounds, args.switches = 2, 2, 1, 1, 20
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    backbone = {"name": "wrn", "depth": args.depth, "widen_factor": args.widen}
+    scenario = f"wrn-{args.depth}-{args.widen} {args.size}x{args.size}x3"
+    cfg = BackboneConfig(**backbone, feature_size=args.size)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="deploy-") as tmp:
+        work = Path(tmp)
+        dvn_method, dvn_model = build_run("dvn", {"num_units": 4}, backbone, args.size, 2, work, args.seed)
+        spec = dvn_model.spec("t1")
+
+        def dvn_plain(level: int):
+            net = build_multitask(cfg.model_copy(update={"width": level / 4}), [spec]).task_network("t1")
+            return net.eval()
+
+        rows += rows_for("dvn", dvn_method, dvn_model, "t1", dvn_plain, args, work, scenario)
+        for name, options, label in (("packnet", {}, "packnet"), ("adapters", {}, "adapters (fused)")):
+            method, model = build_run(name, options, backbone, args.size, 2, work, args.seed)
+            task = model.tasks[-1]
+            plain = build_multitask(cfg, [model.spec(task)]).task_network(task).eval()
+            rows += rows_for(label, method, model, task, lambda _lv, _p=plain: _p, args, work, scenario)
+        rt = runtime_figures(dvn_method, dvn_model, args.switches)
+    dvn_l1 = next(r for r in rows if r["method"] == "dvn" and r["level"] == 1)
+    worst_eager = min(min(r["over_plain_eager_b1"], r["over_plain_eager_b64"]) for r in rows)
+    worst_ort = min(min(r["over_plain_ort_b1"], r["over_plain_ort_b64"]) for r in rows)
+    claims = [
+        claim(
+            "deploy.export_vs_plain.eager",
+            "every export (DVN levels, PackNet, fused adapters) runs at >= 0.95 x the speed of the plain "
+            "network of its shape in eager PyTorch: worst plain time / export time over rows and batch 1, 64",
+            ">=",
+            0.95,
+            worst_eager,
+        ),
+        claim(
+            "deploy.export_vs_plain.onnxruntime",
+            "the same in onnxruntime: worst plain time / export time over rows and batch 1, 64",
+            ">=",
+            0.95,
+            worst_ort,
+        ),
+        claim(
+            "deploy.dvn_level1_speedup.onnxruntime_b64",
+            f"onnxruntime: DVN level 1 ({dvn_l1['flops_ratio']:.4f} of the full network's FLOPs) is >= 12 x "
+            "faster than the full network at batch 64 (full time / level-1 time)",
+            ">=",
+            12,
+            dvn_l1["speedup_ort_b64"],
+        ),
+        claim(
+            "deploy.runtime_switch_ms",
+            "the runtime switches a task's level in < 10 ms without reloading (median ms of switches between "
+            "prepared levels; an unprepared level's cut from the packed model: "
+            f"{rt['cold_switch_ms_median']:.1f} ms)",
+            "<",
+            10,
+            rt["switch_ms_median"],
+        ),
+        claim(
+            "deploy.resident_over_estimate",
+            "resident memory measured (bytes of the distinct tensors the runtime holds) is within 1.2 x the "
+            "planner's estimate: worst plan of a sweep of budgets on a 2-task DVN",
+            "<=",
+            1.2,
+            rt["worst_bytes_over_estimate"],
+        ),
+    ]
+    stem = write_results(
+        "deploy_table",
+        rows,
+        args.seed,
+        args.out,
+        extra={
+            "scenario": scenario,
+            "weights": "random-like (one training step per phase): latency does not depend on the weights",
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "repeats_b1": args.repeats_b1,
+            "rounds": args.rounds,
+            "runtime": rt,
+            "contended": any(r["contended"] for r in rows),
+        },
+        claims=claims,
+    )
+    plot_speedup(
+        [r for r in rows if r["method"] == "dvn"], f"{stem}_speedup.png", 64, "DVN levels: speed-up (b64)"
+    )
+    for c in claims:
+        print(f"{'met' if c['met'] else 'MISSED'}: {c['id']} measured {c['measured']}")
+    print(f"results: {stem}.json, {stem}.md, {stem}_speedup.png")
+
+
+if __name__ == "__main__":
+    main()
