@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 
+from virtnet import api
 from virtnet.cli import main
 
 CONFIG = {
@@ -211,3 +212,20 @@ def test_sequence_matrix_after_each_added_task(tmp_path, capsys):
     assert "| after adding | a error (%) | b error (%) |" in out
     first = [line for line in out.splitlines() if line.startswith("| a |")][0]
     assert first.endswith("| - |")  # task b is not learned yet after adding a
+
+
+def test_info_and_eval_describe_an_exported_network(tmp_path, capsys):
+    cfg = write(tmp_path, {**CONFIG, "output_dir": str(tmp_path / "run")})
+    assert main(["train", str(cfg)]) == 0
+    stem = tmp_path / "a_net"
+    assert main(["export", str(tmp_path / "run"), "--task", "a", "-o", str(stem)]) == 0
+    capsys.readouterr()
+    for command in ("info", "eval"):
+        assert main([command, str(stem) + ".json", "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["task"]["name"] == "a" and info["level"] == 1 and info["format"] == "safetensors"
+        net = api.read_exported(stem).network
+        assert info["parameters"] == sum(p.numel() for p in net.parameters()) and info["flops"] > 0
+    assert main(["info", str(stem) + ".safetensors"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("exported network:") and "saved for a different network" not in out

@@ -604,3 +604,43 @@ def bench(loaded: Loaded, **options: Any) -> dict[str, Any]:
     from virtnet.export.bench import bench_model
 
     return bench_model(loaded.method, loaded.model, source=str(loaded.path), **options)
+
+
+def is_exported(path: str | Path) -> bool:
+    """True when ``path`` names an exported network (``.onnx``, ``.pt2``, or a pair written by
+    :func:`export_network`) rather than a training checkpoint or a run folder."""
+    import json as _json
+
+    from virtnet.storage import checkpoint_paths
+
+    p = Path(path)
+    if p.suffix in (".onnx", ".pt2"):
+        return True
+    if p.is_dir():
+        return False
+    _, jpath = checkpoint_paths(p)
+    try:
+        meta = _json.loads(jpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # not readable here: the checkpoint loader says what is wrong
+    return isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT
+
+
+def describe_exported(path: str | Path, threads: int | None = 1) -> dict[str, Any]:
+    """What an exported network is: its file and format, task (input shape, outputs, normalisation),
+    level, method, parameters and FLOPs per image (read with :func:`load_deployed`)."""
+    from virtnet.cost import count_flops
+
+    d = load_deployed(path, threads)
+    info: dict[str, Any] = {
+        "file": str(d.path),
+        "format": d.format,
+        "task": d.spec.to_dict(),
+        "level": d.level,
+        "method": d.meta.get("method"),
+        "source": d.meta.get("source"),
+    }
+    if d.module is not None:
+        info["parameters"] = sum(int(p.numel()) for p in d.module.parameters())
+        info["flops"] = int(count_flops(d.module, d.spec.input_shape))
+    return info

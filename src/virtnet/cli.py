@@ -384,6 +384,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from virtnet import api
 
     check_plot_path(args.plot)
+    if api.is_exported(args.checkpoint):
+        return print_exported(args.checkpoint, args.json)
     if args.sequence:
         return cmd_eval_sequence(args)
     if args.shared_budget:
@@ -446,19 +448,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_exported(path: str, as_json: bool) -> int:
+    """``info`` / ``eval`` on an exported network: what it is (it holds no data to evaluate on)."""
+    from virtnet import api
+
+    info = api.describe_exported(path)
+    if as_json:
+        print(json.dumps(info, indent=2, default=float))
+        return 0
+    t = info["task"]
+    print(f"exported network: {info['file']} ({info['format']})")
+    print(
+        f"task {t['name']}: input {t['in_channels']}x{t['input_size']}x{t['input_size']}, "
+        f"{t['num_outputs']} outputs; level {info['level']}; method {info['method']}"
+    )
+    if "parameters" in info:
+        print(f"parameters {info['parameters']:,}; FLOPs per image {info['flops']:,}")
+    if info.get("source"):
+        print(f"exported from {info['source']} (evaluate that checkpoint with `virtnet eval`)")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from virtnet import api
 
+    if api.is_exported(args.checkpoint):
+        return print_exported(args.checkpoint, args.json)
     loaded = api.load(args.checkpoint)
     rows = api.cost_rows(loaded, latency=args.latency, threads=args.threads)
     info = {
         "checkpoint": str(loaded.path),
         "method": loaded.meta.get("method"),
-        "tasks": [vars(s) for s in loaded.specs],
+        "tasks": [s.to_dict() for s in loaded.specs],
         "total_params": api.total_parameters(loaded.model),
         "state": loaded.meta.get("state"),
         "versions": loaded.meta.get("versions"),
         "budgets": rows,
+        "summary": loaded.method.summary(loaded.model, []),  # e.g. a branched network's tree
     }
     if args.json:
         print(json.dumps(info, indent=2, default=float))
@@ -470,6 +496,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                 f"task {s.name}: input {s.in_channels}x{s.input_size}x{s.input_size}, {s.num_outputs} outputs"
             )
         print(table(rows))
+        for k, v in info["summary"].items():
+            text = v if isinstance(v, str) else json.dumps(v, default=float)
+            print(f"{k}:\n{text}" if "\n" in text else f"{k}: {text}")
     return 0
 
 
