@@ -27,6 +27,7 @@ from virtnet.methods.base import Method, make_method
 from virtnet.train.checkpoint import load_checkpoint, load_model_state
 from virtnet.train.evaluate import evaluate
 from virtnet.train.loop import Trainer
+from virtnet.train.runtime import Runtime
 
 
 def task_specs(taskset: TaskSet) -> list[TaskSpec]:
@@ -148,9 +149,13 @@ def train(
     check_model_size(cfg.model, feature, cfg.train.batch_size)
     out = prepare_output_dir(out)
     method, model = build(cfg, specs)
-    if not resume and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    runtime = Runtime.from_env(cfg.train.device)  # under torchrun: rank, world size, process group
+    runtime.barrier()  # every rank has read the old record before rank 0 rewrites it
+    if runtime.is_main:
+        if not resume and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    runtime.barrier()
     trainer = Trainer(
         method,
         model,
@@ -161,6 +166,7 @@ def train(
         run_meta(cfg, specs, taskset),
         sampling=cfg.data.sampling,
         log=log,
+        runtime=runtime,
     )
     summary = trainer.fit(resume=resume)
     rows = evaluate(method, model, taskset, split="test")
