@@ -6,6 +6,7 @@ import json
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from virtnet import api
 from virtnet.cli import main
@@ -229,3 +230,50 @@ def test_info_and_eval_describe_an_exported_network(tmp_path, capsys):
     assert main(["info", str(stem) + ".safetensors"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("exported network:") and "saved for a different network" not in out
+
+
+def test_eval_says_when_latency_was_measured_under_contention(tmp_path, capsys, monkeypatch):
+    cfg = write(tmp_path, {**CONFIG, "output_dir": str(tmp_path / "run")})
+    assert main(["train", str(cfg)]) == 0
+    import virtnet.cost.report as report
+
+    real = report.latency_profile
+
+    def busy(*args, **kwargs):
+        prof = real(*args, **kwargs)
+        return {**prof, "contended": True, "runqueue_wait": 0.5}
+
+    monkeypatch.setattr(report, "latency_profile", busy)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "note: latency of 2 row(s) measured while other processes held the cores" in out
+    assert "up to 50% of the time" in out
+    assert main(["eval", str(tmp_path / "run"), "--repeats", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert all(r["contended"] is True and r["runqueue_wait"] == 0.5 for r in rows)
+
+
+def test_an_exported_sidecar_is_checked_against_its_schema(tmp_path):
+    from virtnet.errors import CheckpointError
+    from virtnet.storage import write_pair
+
+    cfg = write(tmp_path, {**CONFIG, "output_dir": str(tmp_path / "run")})
+    assert main(["train", str(cfg)]) == 0
+    stem = tmp_path / "net"
+    loaded = api.load(tmp_path / "run")
+    api.export_network(loaded, "a", 1, stem)
+    meta = json.loads((tmp_path / "net.json").read_text())
+    tensors = load_file(str(tmp_path / "net.safetensors"))
+    keep = {k: v for k, v in meta.items() if k not in ("sha256", "num_bytes")}
+    for change, message in (
+        ({"level": "1"}, "level: "),
+        ({"level": 0}, "level: "),
+        ({"task": {**meta["task"], "in_channels": "x"}}, "task.in_channels: "),
+        ({"parameters": True}, "parameters: "),
+    ):
+        bad = tmp_path / "bad"
+        write_pair(bad, tensors, {**keep, **change})
+        with pytest.raises(CheckpointError, match=message) as err:
+            api.read_exported(bad)
+        assert "\n" not in str(err.value)

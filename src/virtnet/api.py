@@ -13,9 +13,10 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from torch import nn
 
 from virtnet.backbones.base import TaskSpec
@@ -24,7 +25,8 @@ from virtnet.data.config import DataConfig, build_taskset
 from virtnet.data.core import TaskSet
 from virtnet.errors import CheckpointError, ConfigError, DataError
 from virtnet.methods.base import Method, make_method
-from virtnet.train.checkpoint import load_checkpoint, load_model_state
+from virtnet.schema import format_validation_error
+from virtnet.train.checkpoint import TaskSpecMeta, load_checkpoint, load_model_state
 from virtnet.train.evaluate import evaluate
 from virtnet.train.loop import Trainer
 from virtnet.train.runtime import Runtime
@@ -470,6 +472,31 @@ def export_network(
     return write_pair(path, dict(net.state_dict()), meta)
 
 
+class ExportMeta(BaseModel):
+    """Schema of an exported network's sidecar (keys the pair writer adds, such as ``sha256``, pass
+    through; :func:`virtnet.storage.read_pair_meta` has checked them)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    format: Literal["virtnet-export"]
+    format_version: StrictInt
+    task: TaskSpecMeta
+    level: Annotated[StrictInt, Field(ge=1)]
+    level_name: StrictStr
+    method: StrictStr | None = None
+    network: dict[str, Any]
+    parameters: Annotated[StrictInt, Field(ge=0)]
+    source: StrictStr
+
+
+def validate_export_meta(meta: Any, source: str | Path) -> None:
+    """One-line CheckpointError ``<file>: <key>: <problem>`` unless ``meta`` fits :class:`ExportMeta`."""
+    try:
+        ExportMeta.model_validate(meta)
+    except ValidationError as err:
+        raise CheckpointError(f"{source}: {format_validation_error(err)}") from None
+
+
 @dataclass
 class Exported:
     """A network read by :func:`read_exported`: the module, its task's spec and level."""
@@ -490,9 +517,7 @@ def read_exported(path: str | Path) -> Exported:
     from virtnet.storage import read_pair_meta
 
     tpath, jpath, meta = read_pair_meta(path, EXPORT_FORMAT, EXPORT_VERSION, "exported virtnet network")
-    for key in ("task", "level", "network"):
-        if key not in meta:
-            raise CheckpointError(f"{jpath}: {key}: required key is missing")
+    validate_export_meta(meta, jpath)
     try:
         spec = TaskSpec.from_dict(meta["task"])
     except (KeyError, TypeError, ValueError, DataError) as e:

@@ -441,6 +441,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"({args.split} split); total parameters {total:,}"
         )
         print(table(rows))
+        contended = [r for r in rows if r.get("contended")]
+        if contended:
+            waits = [r["runqueue_wait"] for r in contended if r.get("runqueue_wait") is not None]
+            worst = f" (up to {max(waits):.0%} of the time waiting for a core)" if waits else ""
+            print(
+                f"note: latency of {len(contended)} row(s) measured while other processes held the "
+                f"cores{worst}: those figures are not reliable; re-run on an idle machine"
+            )
         for k, v in summary.items():
             print(f"{k}: {v}")
         if args.plot:

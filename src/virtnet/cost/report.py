@@ -151,6 +151,9 @@ def cost_of(
                 if f in entry:
                     row[f"latency_ms_b{b}_{f}"] = entry[f]["median_ms"]
         row["threads"] = prof["threads"]
+        # timings taken while other processes held the cores are flagged, not silently reported
+        row["contended"] = prof["contended"]
+        row["runqueue_wait"] = prof["runqueue_wait"]
     return row
 
 
