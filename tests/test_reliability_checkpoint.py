@@ -145,6 +145,16 @@ def _signal_while_writing(monkeypatch, signum):
 
 
 def test_sigint_while_writing_removes_temp_files_and_restores_the_handler(tmp_path, monkeypatch):
+    # a process started in the background by a non-interactive shell (as CI may be) ignores SIGINT:
+    # give this test Python's own handler, and put back whatever the process had
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _sigint_while_writing(tmp_path, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _sigint_while_writing(tmp_path, monkeypatch):
     before = signal.getsignal(signal.SIGINT)
     _signal_while_writing(monkeypatch, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
