@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from virtnet.nn.protocol import Routed, RoutedLayer, call
 from virtnet.nn.units import Route, Selection, UnitPartition
@@ -150,8 +151,6 @@ class _Sliced(RoutedLayer):
 
 def _is_fake(t: torch.Tensor) -> bool:
     """A tensor without real data (traced by torch.export / torch.compile, or on the meta device)."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return t.device.type == "meta" or is_fake(t)
 
 

@@ -36,7 +36,7 @@ from virtnet.backbones.vgg import VGG_CONFIGS
 from virtnet.errors import CheckpointError, ConfigError, DataError, TaskError
 from virtnet.methods.branching.affinity import AffinityEstimator
 from virtnet.nn import call
-from virtnet.protocol import MultiTaskModel, TaskSpec, check_input_shape
+from virtnet.protocol import MultiTaskModel, TaskSpec
 
 TREE_FORMAT = "virtnet-branching-tree"
 TREE_VERSION = 1
@@ -368,9 +368,6 @@ class BranchingNet(nn.Module, MultiTaskModel):
         if task not in self.specs:
             raise TaskError(f"unknown task '{task}': the model has {self.tasks}")
         return self.specs[task]
-
-    def check_input(self, x: torch.Tensor, task: str) -> None:
-        check_input_shape(self.spec(task), x)
 
     def stem(self, task: str) -> nn.Module:
         self.spec(task)
