@@ -1,21 +1,27 @@
-"""Benchmark: deployed networks (issue 13) — Table-2-style rows of exported DVN levels, PackNet and fused
-adapters, in eager PyTorch and onnxruntime, beside plain networks of the same shape; the multi-task
-runtime's level switch and resident memory.
+"""Benchmark: deployed networks (issue 13) — Table-2-style rows of exported DVN levels, PackNet, fused
+adapters, DEN structures and deployables, and branching task paths, in eager PyTorch and onnxruntime,
+beside plain networks of the same shape; the multi-task runtime's level switch and resident memory.
 
 Models: built through the public API on synthetic 32x32x3 tasks (one training step per phase, so that
 sequential methods have added their tasks and PackNet has pruned): **the weights are essentially random**
 — latency does not depend on the weights' values, and no accuracy is reported. Backbone WRN-16-4
 (``--depth``, ``--widen``); DVN with 4 units (levels 1..4 = 1/4..4/4 of every layer's channels, level 1
 about 1/16 of the FLOPs), PackNet (its last task's export: dense, masked), series adapters (the last
-domain's export: adapters fused into the kernels).
+domain's export: adapters fused into the kernels), DEN (default 3 levels per block: two structures
+exported as sliced networks — every block at its middle level, and every block full — and the deployable
+of each budget level: selector, budgeted decoding and the grouped estimator, timed alone), branching (a
+thin-32 VGG-16 widened every step on 3 tasks with alpha 10, so that it branches; each task's path).
 
 Timing, per network, at batch 1 and 64 with ``--threads`` fixed in both runtimes: eager PyTorch
 (:func:`virtnet.cost.latency_profile`, NCHW and channels_last, the faster used) and onnxruntime (the
 network written by ``virtnet export --format onnx``'s exporter, a CPU session); median of ``--repeats``
-calls after warm-up, then the median over ``--rounds`` interleaved rounds (each round times every export
-and its plain network back to back). Plain network of the same shape: DVN level l is the backbone built
-directly at width l/4; PackNet's and the adapters' exports have the backbone's shape, so their plain
-network is the backbone itself.
+calls after warm-up, in ``--rounds`` interleaved rounds (each round times an export and its plain network
+back to back). Latencies are medians over rounds; the export-vs-plain ratios are *paired*: the median over
+rounds of (plain time / export time) within each round, which cancels the machine's drift between rounds.
+Plain network of the same shape: DVN level l is the backbone built directly at width l/4; PackNet's and
+the adapters' exports have the backbone's shape, so their plain network is the backbone itself; a DEN
+structure's is the backbone with each block's inner layers rebuilt at the structure's inner width; a
+branching path's is the thin baseline's task network (a branch keeps its layer's width).
 
 Claims: every export runs at >= 0.95 x the speed of its plain network (eager and onnxruntime, worst row
 and batch size); in onnxruntime DVN level 1 is >= 12 x faster than the full network at batch 64; the
@@ -42,14 +48,18 @@ from _common import claim, parser, write_results  # noqa: E402
 
 from virtnet import api  # noqa: E402
 from virtnet.backbones.registry import BackboneConfig, build_multitask  # noqa: E402
+from virtnet.backbones.wrn import PreActBlock  # noqa: E402
 from virtnet.cost import bytes_on_disk, count_flops, count_parameters, latency_profile  # noqa: E402
 from virtnet.export.bench import ort_latency, plot_speedup  # noqa: E402
 from virtnet.export.onnx import describe_deployed, export_onnx, ort_session  # noqa: E402
 from virtnet.export.runtime import Runtime  # noqa: E402
+from virtnet.nn import BatchNorm2d, Conv2d  # noqa: E402
 
 
-def build_run(method: str, options: dict, model: dict, size: int, tasks: int, work: Path, seed: int):
-    """A model of ``method`` on ``tasks`` synthetic tasks, one step per phase (random-like weights)."""
+def build_run(
+    method: str, options: dict, model: dict, size: int, tasks: int, work: Path, seed: int, steps: int = 1
+):
+    """A model of ``method`` on ``tasks`` synthetic tasks, ``steps`` steps per phase (random-like weights)."""
     data = {
         "tasks": [
             {
@@ -59,7 +69,7 @@ def build_run(method: str, options: dict, model: dict, size: int, tasks: int, wo
                     "num_classes": 10,
                     "size": size,
                     "channels": 3,
-                    "num_train": 16,
+                    "num_train": max(16, 8 * steps),
                     "num_test": 8,
                     "seed": i,
                 },
@@ -76,7 +86,7 @@ def build_run(method: str, options: dict, model: dict, size: int, tasks: int, wo
         "train": {
             "epochs": 1,
             "batch_size": 8,
-            "max_steps_per_epoch": 1,
+            "max_steps_per_epoch": steps,
             "eval_every": 0,
             "checkpoint_every": 0,
         },
@@ -87,7 +97,10 @@ def build_run(method: str, options: dict, model: dict, size: int, tasks: int, wo
 
 
 def time_pair(entries, spec, args, work: Path) -> dict:
-    """Median latencies of every network in ``entries`` ({name: net}) over interleaved rounds."""
+    """Median latencies of every network in ``entries`` ({name: net}) over interleaved rounds, and the
+    paired ratios: in every round each network is timed back to back with the others, so the ratio of two
+    networks' times within a round cancels the machine's drift; the median of the per-round ratios is
+    what the claims read (``("ratio", a, b, batch, kind)``: time of ``a`` / time of ``b``)."""
     sessions = {
         name: ort_session(
             export_onnx(net, spec, work / f"{name}.onnx", describe_deployed(spec, 0), what=name), args.threads
@@ -97,9 +110,9 @@ def time_pair(entries, spec, args, work: Path) -> dict:
     samples: dict[tuple, list[float]] = {}
     contended = False
     for _ in range(args.rounds):
-        for name, net in entries.items():
-            for b in (1, 64):
-                reps = args.repeats_b1 if b == 1 else args.repeats
+        for b in (1, 64):
+            reps = args.repeats_b1 if b == 1 else args.repeats
+            for name, net in entries.items():
                 pr = latency_profile(
                     net, spec.input_shape, (b,), threads=args.threads, warmup=args.warmup, repeats=reps
                 )
@@ -117,45 +130,56 @@ def time_pair(entries, spec, args, work: Path) -> dict:
             fmt = min(("nchw", "channels_last"), key=lambda f: out[(name, b, f)])
             out[(name, b, "eager")] = out[(name, b, fmt)]
             out[(name, b, "format")] = fmt
+            samples[(name, b, "eager")] = samples[(name, b, fmt)]
+    names = list(entries)
+    for a in names:
+        for c in names:
+            if a != c:
+                for b in (1, 64):
+                    for kind in ("eager", "ort"):
+                        pairs = zip(samples[(a, b, kind)], samples[(c, b, kind)], strict=True)
+                        out[("ratio", a, c, b, kind)] = statistics.median(x / y for x, y in pairs)
     return out
 
 
-def rows_for(label, method, model, task, plains, args, work, scenario) -> list[dict]:
-    spec = model.spec(task)
-    levels = method.levels(model, task)
-    rows = []
-    for lv in levels:
-        net = method.export(model, task, lv.index)
-        plain = plains(lv.index)
-        assert count_parameters(plain) == count_parameters(net), f"{label}: the plain network's shape differs"
-        t = time_pair({"export": net, "plain": plain}, spec, args, work / f"{label}_{task}_{lv.index}")
-        row = {
-            "method": label,
-            "scenario": scenario,
-            "task": task,
-            "level": lv.index,
-            "level_name": lv.name,
-            "accuracy": None,
-            "params": count_parameters(net),
-            "flops": count_flops(net, spec.input_shape),
-            "bytes": bytes_on_disk(net),
-            "contended": t["contended"],
-        }
-        for b in (1, 64):
-            row[f"latency_ms_b{b}"] = t[("export", b, "eager")]
-            row[f"format_b{b}"] = t[("export", b, "format")]
-            row[f"ort_ms_b{b}"] = t[("export", b, "ort")]
-            row[f"plain_ms_b{b}"] = t[("plain", b, "eager")]
-            row[f"plain_ort_ms_b{b}"] = t[("plain", b, "ort")]
-            row[f"over_plain_eager_b{b}"] = row[f"plain_ms_b{b}"] / row[f"latency_ms_b{b}"]
-            row[f"over_plain_ort_b{b}"] = row[f"plain_ort_ms_b{b}"] / row[f"ort_ms_b{b}"]
-        rows.append(row)
-        print(
-            f"{label} {task}@{lv.index}: eager b64 {row['latency_ms_b64']:.2f} ms "
-            f"(plain {row['plain_ms_b64']:.2f}), ort b64 {row['ort_ms_b64']:.2f} ms "
-            f"(plain {row['plain_ort_ms_b64']:.2f})",
-            flush=True,
-        )
+def pair_row(label, task, level, level_name, net, plain, spec, args, work, scenario) -> dict:
+    """One Table-2 row: ``net`` (an export) timed beside ``plain`` (a plain network of its shape)."""
+    assert count_parameters(plain) == count_parameters(net), f"{label}: the plain network's shape differs"
+    t = time_pair({"export": net, "plain": plain}, spec, args, work / f"{label}_{task}_{level}")
+    row = {
+        "method": label,
+        "scenario": scenario,
+        "task": task,
+        "level": level,
+        "level_name": level_name,
+        "accuracy": None,
+        "params": count_parameters(net),
+        "flops": count_flops(net, spec.input_shape),
+        "bytes": bytes_on_disk(net),
+        "contended": t["contended"],
+    }
+    for b in (1, 64):
+        row[f"latency_ms_b{b}"] = t[("export", b, "eager")]
+        row[f"format_b{b}"] = t[("export", b, "format")]
+        row[f"ort_ms_b{b}"] = t[("export", b, "ort")]
+        row[f"plain_ms_b{b}"] = t[("plain", b, "eager")]
+        row[f"plain_ort_ms_b{b}"] = t[("plain", b, "ort")]
+        # paired: the median over rounds of (plain time / export time) within the round
+        row[f"over_plain_eager_b{b}"] = t[("ratio", "plain", "export", b, "eager")]
+        row[f"over_plain_ort_b{b}"] = t[("ratio", "plain", "export", b, "ort")]
+    print(
+        f"{label} {task}@{level}: eager b1 {row['latency_ms_b1']:.3f} ms "
+        f"(plain {row['plain_ms_b1']:.3f}), b64 {row['latency_ms_b64']:.2f} ms "
+        f"(plain {row['plain_ms_b64']:.2f}); ort b1 {row['ort_ms_b1']:.3f} "
+        f"(plain {row['plain_ort_ms_b1']:.3f}), b64 {row['ort_ms_b64']:.2f} ms "
+        f"(plain {row['plain_ort_ms_b64']:.2f})",
+        flush=True,
+    )
+    return row
+
+
+def add_speedups(rows: list[dict]) -> list[dict]:
+    """Speed-ups and FLOPs ratios against the last row (the full network)."""
     top = rows[-1]
     for r in rows:
         r["flops_ratio"] = r["flops"] / top["flops"]
@@ -167,6 +191,128 @@ def rows_for(label, method, model, task, plains, args, work, scenario) -> list[d
                 r[f"speedup_{name}_b{b}"] = top[f"{key}_b{b}"] / r[f"{key}_b{b}"]
                 r[f"plain_speedup_{name}_b{b}"] = top[f"{plain_key}_b{b}"] / r[f"{plain_key}_b{b}"]
     return rows
+
+
+def rows_for(label, method, model, task, plains, args, work, scenario) -> list[dict]:
+    spec = model.spec(task)
+    rows = [
+        pair_row(
+            label,
+            task,
+            lv.index,
+            lv.name,
+            method.export(model, task, lv.index),
+            plains(lv.index),
+            spec,
+            args,
+            work,
+            scenario,
+        )
+        for lv in method.levels(model, task)
+    ]
+    return add_speedups(rows)
+
+
+def den_plain(cfg: BackboneConfig, spec, widths: list[int]) -> torch.nn.Module:
+    """A plain WRN of a DEN structure's shape: the backbone built directly, each block's inner layers
+    rebuilt with the structure's inner width (the backbone's own layer classes; no block skipped here)."""
+    net = build_multitask(cfg, [spec]).task_network(spec.name).eval()
+    blocks = [m for m in net.modules() if isinstance(m, PreActBlock)]
+    assert len(blocks) == len(widths), "den: the plain network has another number of blocks"
+    for block, w in zip(blocks, widths, strict=True):
+        block.conv1 = Conv2d(block.conv1.in_channels, w, 3, stride=block.conv1.stride, padding=1, bias=False)
+        block.bn2 = BatchNorm2d(w)
+        block.conv2 = Conv2d(w, block.conv2.out_channels, 3, stride=1, padding=1, bias=False)
+    return net.eval()
+
+
+def den_rows(method, model, cfg, args, work, scenario) -> list[dict]:
+    """DEN: two structures exported as standalone sliced networks (every block at its middle level, every
+    block full) beside plain WRNs of their shapes; then the deployable of each budget level (selector,
+    budgeted decoding, grouped estimator) timed alone — it has no plain twin, and no claim reads it."""
+    task = model.tasks[-1]
+    spec = model.spec(task)
+    blocks = model.blocks()
+    rows = []
+    for name, z in (
+        ("middle level per block", [len(b.widths) // 2 for b in blocks]),
+        ("full estimator", model.full_structure()),
+    ):
+        widths = [b.widths[level] for b, level in zip(blocks, z, strict=True)]
+        net = method.export_structure(model, task, z).eval()
+        rows.append(
+            pair_row(
+                "den (structure)",
+                task,
+                None,
+                f"{name}: z={z}",
+                net,
+                den_plain(cfg, spec, widths),
+                spec,
+                args,
+                work,
+                scenario,
+            )
+        )
+    add_speedups(rows)
+    for lv in method.levels(model, task):
+        net = method.export(model, task, lv.index).eval()
+        t = time_pair({"deployable": net}, spec, args, work / f"den_deployable_{lv.index}")
+        row = {
+            "method": "den (deployable)",
+            "scenario": scenario,
+            "task": task,
+            "level": lv.index,
+            "level_name": lv.name,
+            "accuracy": None,
+            "params": count_parameters(net),
+            "flops": None,
+            "bytes": bytes_on_disk(net),
+            "contended": t["contended"],
+        }
+        for b in (1, 64):
+            row[f"latency_ms_b{b}"] = t[("deployable", b, "eager")]
+            row[f"format_b{b}"] = t[("deployable", b, "format")]
+            row[f"ort_ms_b{b}"] = t[("deployable", b, "ort")]
+        print(f"den deployable {task}@{lv.index}: eager b64 {row['latency_ms_b64']:.2f} ms", flush=True)
+        rows.append(row)
+    return rows
+
+
+def branching_rows(args, work, scenario) -> tuple[list[dict], str]:
+    """Branching: a VGG-16 thin-32 widened into a tree (3 synthetic tasks, a widening every step, alpha 10
+    so that every round branches); each task's path exported beside the thin baseline's task network (the
+    same shapes: a branch keeps its layer's width)."""
+    size = args.size
+    opts = {
+        "depth": 16 if not args.quick else 11,
+        "omega": 32 if not args.quick else 4,
+        "round_steps": 1,
+        "alpha": 10.0,
+    }
+    vgg = {"name": "vgg", "depth": opts["depth"]}
+    method, model = build_run("branching", opts, vgg, size, 3, work / "tree", args.seed, steps=20)
+    thin_method, thin = build_run(
+        "branching", {**opts, "max_rounds": 0}, vgg, size, 3, work / "thin", args.seed
+    )
+    rows = []
+    for task in model.tasks:
+        lv = method.levels(model, task)[-1]
+        rows.append(
+            pair_row(
+                "branching (path)",
+                task,
+                lv.index,
+                lv.name,
+                method.export(model, task, lv.index),
+                thin_method.export(thin, task, lv.index),
+                model.spec(task),
+                args,
+                work,
+                scenario,
+            )
+        )
+    return rows, model.describe_tree(list(model.tasks))
 
 
 def runtime_figures(method, model, switches: int) -> dict:
@@ -221,7 +367,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement at batch 64")
     p.add_argument("--repeats-b1", type=int, default=100, help="timed calls per measurement at batch 1")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians over rounds)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians over rounds)")
     p.add_argument("--switches", type=int, default=200, help="level switches timed in the runtime")
     p.add_argument(
         "--quick", action="store_true", help="tiny smoke settings (WRN-10-1 at 16x16, few repeats)"
@@ -251,15 +397,21 @@ def main() -> None:
             task = model.tasks[-1]
             plain = build_multitask(cfg, [model.spec(task)]).task_network(task).eval()
             rows += rows_for(label, method, model, task, lambda _lv, _p=plain: _p, args, work, scenario)
+        den_method, den_model = build_run("den", {}, backbone, args.size, 2, work, args.seed)
+        rows += den_rows(den_method, den_model, cfg, args, work, scenario)
+        tree_rows, tree = branching_rows(args, work, f"vgg thin {args.size}x{args.size}x3")
+        rows += tree_rows
         rt = runtime_figures(dvn_method, dvn_model, args.switches)
     dvn_l1 = next(r for r in rows if r["method"] == "dvn" and r["level"] == 1)
-    worst_eager = min(min(r["over_plain_eager_b1"], r["over_plain_eager_b64"]) for r in rows)
-    worst_ort = min(min(r["over_plain_ort_b1"], r["over_plain_ort_b64"]) for r in rows)
+    paired = [r for r in rows if "over_plain_eager_b1" in r]
+    worst_eager = min(min(r["over_plain_eager_b1"], r["over_plain_eager_b64"]) for r in paired)
+    worst_ort = min(min(r["over_plain_ort_b1"], r["over_plain_ort_b64"]) for r in paired)
     claims = [
         claim(
             "deploy.export_vs_plain.eager",
-            "every export (DVN levels, PackNet, fused adapters) runs at >= 0.95 x the speed of the plain "
-            "network of its shape in eager PyTorch: worst plain time / export time over rows and batch 1, 64",
+            "every export (DVN levels, PackNet, fused adapters, DEN structures, branching task paths) "
+            "runs at >= 0.95 x the speed of the plain network of its shape in eager PyTorch: worst, over "
+            "rows and batch 1, 64, of the median over interleaved rounds of plain time / export time",
             ">=",
             0.95,
             worst_eager,
@@ -310,6 +462,7 @@ def main() -> None:
             "repeats_b1": args.repeats_b1,
             "rounds": args.rounds,
             "runtime": rt,
+            "branching_tree": tree,
             "contended": any(r["contended"] for r in rows),
         },
         claims=claims,

@@ -232,13 +232,18 @@ class ElasticBlock(nn.Module, RoutedLayer):
     def run(self, x: torch.Tensor, level: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def is_input_at(self, level: int) -> bool:
+        """Whether :meth:`run` at ``level`` returns its input unchanged (a skipped identity block)."""
+        return False
+
     def masked(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def grouped(self, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """Per-instance levels ``(B,)``: each level's instances through :meth:`run` at that level."""
         h = self.num_levels
-        if _fake(x) or _fake(levels):  # traced (torch.export): every group, no data-dependent branch
+        traced = _fake(x) or _fake(levels)
+        if traced:  # traced (torch.export): every group, no data-dependent branch
             present = list(range(h))
         else:
             counts = torch.bincount(levels, minlength=h).tolist()
@@ -246,12 +251,26 @@ class ElasticBlock(nn.Module, RoutedLayer):
             if len(present) == 1:  # one structure for the whole batch: the plain sliced block
                 return self.run(x, present[0])
         out: torch.Tensor | None = None
+        if traced:  # a fresh tensor per group, no in-place write
+            for lv in present:
+                idx = (levels == lv).nonzero().squeeze(1)
+                y = self.run(x.index_select(0, idx), lv)
+                if out is None:
+                    out = y.new_zeros((x.shape[0], *y.shape[1:]))
+                out = out.index_copy(0, idx, y)
+            assert out is not None
+            return out
+        # eager: the rows are written in place into one output; an identity block's level-0 rows are
+        # the input itself (copied once with the output, never gathered nor run)
+        if 0 in present and self.is_input_at(0):
+            out = x.clone()
+            present = [lv for lv in present if lv != 0]
         for lv in present:
             idx = (levels == lv).nonzero().squeeze(1)
             y = self.run(x.index_select(0, idx), lv)
             if out is None:
-                out = y.new_zeros((x.shape[0], *y.shape[1:]))
-            out = out.index_copy(0, idx, y)
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out.index_copy_(0, idx, y)
         assert out is not None
         return out
 
@@ -365,6 +384,9 @@ class ElasticResidual(ElasticBlock):
     def _identity(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.shortcut is None else _seq(self.shortcut, x)
 
+    def is_input_at(self, level: int) -> bool:
+        return self.widths[level] == 0 and self.shortcut is None
+
     def run(self, x: torch.Tensor, level: int) -> torch.Tensor:
         c = self.widths[level]
         if c == 0:
@@ -426,6 +448,9 @@ class ElasticPreAct(ElasticBlock):
         self.bn1, self.conv1, self.bn2, self.conv2 = block.bn1, block.conv1, block.bn2, block.conv2
         self.shortcut = block.shortcut
         self.dropout = float(getattr(block, "dropout", 0.0))
+
+    def is_input_at(self, level: int) -> bool:
+        return self.widths[level] == 0 and self.shortcut is None
 
     def run(self, x: torch.Tensor, level: int) -> torch.Tensor:
         c = self.widths[level]
