@@ -451,7 +451,8 @@ def test_config_transform_errors_name_the_key() -> None:
         "run.yaml: data.tasks[0].transforms[0].seed: required for kind permute_pixels"
     )
     assert bad({"tasks": [{**t, "transforms": [{"kind": "rotate", "degrees": 10, "seed": 1}]}]}) == (
-        "run.yaml: data.tasks[0].transforms[0].seed: not used by kind rotate (used by: permute_pixels)"
+        "run.yaml: data.tasks[0].transforms[0].seed: not used by kind rotate "
+        "(used by: permute_pixels, channels with mode colorize)"
     )
     assert bad({"tasks": [{**t, "transforms": [{"kind": "rotate"}]}]}) == (
         "run.yaml: data.tasks[0].transforms[0].degrees: required for kind rotate"
@@ -462,8 +463,11 @@ def test_config_transform_errors_name_the_key() -> None:
     assert bad({"tasks": [{**t, "transforms": [{"kind": "permute_pixels", "seed": True}]}]}).startswith(
         "run.yaml: data.tasks[0].transforms[0].seed: "
     )
+    assert bad({"tasks": [{**t, "transforms": [{"kind": "permute_pixels", "seed": 1, "scale": 2}]}]}) == (
+        "run.yaml: data.tasks[0].transforms[0].scale: unknown key"
+    )
     assert bad({"tasks": [{**t, "transforms": [{"kind": "permute_pixels", "seed": 1, "size": 2}]}]}) == (
-        "run.yaml: data.tasks[0].transforms[0].size: unknown key"
+        "run.yaml: data.tasks[0].transforms[0].size: not used by kind permute_pixels (used by: resize)"
     )
 
 

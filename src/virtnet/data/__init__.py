@@ -57,7 +57,15 @@ from virtnet.data.scenarios import (
     split_classes,
     stratified_take,
 )
-from virtnet.data.transforms import apply_transforms, permute_pixels, pixel_permutation, rotate
+from virtnet.data.transforms import (
+    apply_transforms,
+    colorize,
+    permute_pixels,
+    pixel_permutation,
+    resize,
+    rotate,
+    set_channels,
+)
 
 __all__ = [
     "DATASETS",
@@ -84,6 +92,7 @@ __all__ = [
     "candidate_roots",
     "channel_stats",
     "coarse_fine",
+    "colorize",
     "crop_at",
     "datasets_as_tasks",
     "eval_batches",
@@ -108,8 +117,10 @@ __all__ = [
     "random_hflip",
     "read_idx",
     "register_dataset",
+    "resize",
     "resolve_data_root",
     "rotate",
+    "set_channels",
     "split_classes",
     "stratified_take",
 ]

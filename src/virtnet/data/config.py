@@ -30,7 +30,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, StrictInt, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from virtnet.data.core import AugmentSpec, Task, TaskSet
@@ -45,6 +45,7 @@ from virtnet.data.scenarios import (
     coarse_fine,
     make_task,
 )
+from virtnet.data.transforms import CHANNEL_COUNTS, CHANNEL_MODES
 from virtnet.errors import ConfigError
 from virtnet.schema import Seed, Strict, _number_problem
 
@@ -152,21 +153,66 @@ AttributesType = dict[str, list[int] | AttributeConfig]
 
 class TransformConfig(Strict):
     """One entry of a task's ``transforms``: a fixed input transform of every image of the task
-    (:mod:`virtnet.data.transforms`)."""
+    (:mod:`virtnet.data.transforms`). A key the kind does not use is an error."""
 
-    kind: Literal["permute_pixels", "rotate"]
-    seed: Seed | None = Field(default=None, validate_default=True)  # permute_pixels: the permutation's seed
+    kind: Literal["permute_pixels", "rotate", "resize", "channels"]
+    size: StrictInt | None = Field(default=None, validate_default=True)  # resize: the new side (N x N)
+    count: StrictInt | None = Field(default=None, validate_default=True)  # channels: 1 or 3
+    mode: str | None = Field(default=None, validate_default=True)  # channels: replicate | colorize
     degrees: float | None = Field(default=None, validate_default=True)  # rotate: counter-clockwise angle
     interpolation: Literal["nearest", "bilinear"] | None = Field(default=None, validate_default=True)
+    # permute_pixels: the permutation's seed; channels with mode colorize: the colours' seed
+    seed: Seed | None = Field(default=None, validate_default=True)
 
     @field_validator("seed")
     @classmethod
     def _seed(cls, v: int | None, info: ValidationInfo) -> int | None:
         kind = info.data.get("kind")
+        if kind == "channels":
+            if "mode" not in info.data:  # the mode is invalid: reported there
+                return v
+            mode = info.data.get("mode") or "replicate"
+            if mode == "colorize" and v is None:
+                raise _fail("required for kind channels with mode colorize")
+            if mode != "colorize" and v is not None:
+                raise _fail(f"not used by kind channels with mode {mode} (used by: mode colorize)")
+            return v
         if kind == "permute_pixels" and v is None:
             raise _fail("required for kind permute_pixels")
         if kind is not None and kind != "permute_pixels" and v is not None:
-            raise _fail(f"not used by kind {kind} (used by: permute_pixels)")
+            raise _fail(f"not used by kind {kind} (used by: permute_pixels, channels with mode colorize)")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: int | None, info: ValidationInfo) -> int | None:
+        kind = info.data.get("kind")
+        if kind == "resize" and v is None:
+            raise _fail("required for kind resize")
+        if kind is not None and kind != "resize" and v is not None:
+            raise _fail(f"not used by kind {kind} (used by: resize)")
+        if v is not None and v < 1:
+            raise _fail(f"expected an integer >= 1, got {v}")
+        return v
+
+    @field_validator("count", "mode")
+    @classmethod
+    def _channels(cls, v: Any, info: ValidationInfo) -> Any:
+        kind = info.data.get("kind")
+        if kind is not None and kind != "channels":
+            if v is not None:
+                raise _fail(f"not used by kind {kind} (used by: channels)")
+            return v
+        if info.field_name == "count":
+            if kind == "channels" and v is None:
+                raise _fail("required for kind channels (1 or 3)")
+            if v is not None and v not in CHANNEL_COUNTS:
+                raise _fail(f"expected 1 or 3, got {v}")
+            return v
+        if v is not None and v not in CHANNEL_MODES:
+            raise _fail(f"expected one of {', '.join(CHANNEL_MODES)}, got {v!r}")
+        if v is not None and v != "replicate" and info.data.get("count") == 1:
+            raise _fail(f"{v} needs count 3, got count 1")
         return v
 
     @field_validator("degrees", "interpolation")

@@ -9,8 +9,8 @@ A task is made from one dataset's splits by :func:`make_task`, which applies, in
    when an attribute is ``labelled`` only on some classes);
 5. ``train_size`` / ``test_size``: seeded stratified subsampling of the kept images;
 6. ``val_fraction``: a seeded stratified part of the (subsampled) training images held out as ``val``;
-7. ``transforms``: fixed per-task input transforms of every split's images (pixel permutation, rotation;
-   :mod:`virtnet.data.transforms`);
+7. ``transforms``: fixed per-task input transforms of every split's images (pixel permutation, rotation,
+   resize, channel count; :mod:`virtnet.data.transforms`);
 8. ``mean`` / ``std``: per-channel statistics of the final training images scaled to [0, 1].
 
 Official train/test splits are kept as they are; the splits made here (val, subsamples) only ever pick
@@ -291,8 +291,10 @@ def make_task(
         sample_key: identifies the image selection (default ``name``); tasks sharing it and their kept
             images (e.g. coarse and fine labels of one dataset) get the same subsample.
         transforms: per-task input transforms applied to every split's images, in order, e.g.
-            ``[{"kind": "permute_pixels", "seed": 1}]`` or ``[{"kind": "rotate", "degrees": 45}]``
-            (:mod:`virtnet.data.transforms`).
+            ``[{"kind": "permute_pixels", "seed": 1}]``, ``[{"kind": "rotate", "degrees": 45}]``,
+            ``[{"kind": "resize", "size": 32}, {"kind": "channels", "count": 3, "mode": "colorize",
+            "seed": 0}]`` (:mod:`virtnet.data.transforms`); the task's input shape and ``mean``/``std``
+            are those of the transformed images.
         where: config key prefixing errors (e.g. ``data.tasks[1]``); None prefixes ``task '<name>':``.
 
     Returns:
@@ -397,7 +399,7 @@ def make_task(
             y = y.contiguous()
         else:
             y = lut[src]  # (n,)
-        images = apply_transforms(ds.images[idx], tfs)
+        images = apply_transforms(ds.images[idx], tfs, split=split, where=key("transforms"))
         return ArrayDataset(images, y, mask, f"{ds.source} [task {name}, {split}]")
 
     train = build(data.train, tr_idx, "train")
