@@ -81,7 +81,22 @@ def _fmt(v: Any, key: str) -> str:
     return str(v)
 
 
-def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]] = TABLE_COLUMNS) -> str:
+def _fmt_number(v: Any, key: str) -> str:
+    """A method's column: integers with thousands separators, floats to 0.1 (4 digits below 100)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return _fmt(v, key)
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.4g}"
+
+
+def table(
+    rows: list[dict[str, Any]],
+    columns: list[tuple[str, str]] = TABLE_COLUMNS,
+    method_columns: dict[str, str] | None = None,
+) -> str:
+    """A markdown table of ``rows``: the ``columns`` some row has, then (default columns) latency at every
+    batch size measured, then ``method_columns`` (a method's ``eval_titles``: key -> heading)."""
     cols = [(k, h) for k, h in columns if any(k in r for r in rows)]
     if columns is TABLE_COLUMNS:  # latency at whatever batch sizes the run's cost section measured
         known = {k for k, _ in cols}
@@ -90,9 +105,13 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]] = TABLE_COL
             key=lambda k: int(k.rsplit("b", 1)[1]),
         )
         cols += [(k, f"latency b{k.rsplit('b', 1)[1]} (ms)") for k in extra]
+    known = {k for k, _ in cols}
+    own = [(k, h) for k, h in (method_columns or {}).items() if k not in known and any(k in r for r in rows)]
+    fmts = [_fmt] * len(cols) + [_fmt_number] * len(own)
+    cols += own
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k), k) for k, _ in cols) + " |")
+        lines.append("| " + " | ".join(f(r.get(k), k) for f, (k, _) in zip(fmts, cols, strict=True)) + " |")
     return "\n".join(lines)
 
 
@@ -137,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if runtime.is_main:
             ranks = f" on {runtime.world_size} processes" if runtime.world_size > 1 else ""
             print(f"trained{ranks} in {time.perf_counter() - t0:.1f}s; weights: {run.out_dir / 'model.json'}")
-            print(table(run.test_rows))
+            print(table(run.test_rows, method_columns=run.method.eval_titles))
     finally:
         runtime.close()
     return 0
@@ -211,7 +230,7 @@ def cmd_eval_budget(args: argparse.Namespace) -> int:
         )
     else:
         print(f"budget {args.budget}: " + ", ".join(f"{t} -> level {lv}" for t, lv in chosen.items()))
-        print(table(rows))
+        print(table(rows, method_columns=loaded.method.eval_titles))
     return 0
 
 
@@ -440,7 +459,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{loaded.meta.get('method')} on {', '.join(s.name for s in loaded.specs)} "
             f"({args.split} split); total parameters {total:,}"
         )
-        print(table(rows))
+        print(table(rows, method_columns=loaded.method.eval_titles))
         contended = [r for r in rows if r.get("contended")]
         if contended:
             waits = [r["runqueue_wait"] for r in contended if r.get("runqueue_wait") is not None]

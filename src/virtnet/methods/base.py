@@ -11,7 +11,9 @@ A method (peft-style: one folder per method, registered by name) says how to
 * act at phase boundaries (:meth:`Method.on_phase_start`, :meth:`Method.on_phase_end`): PackNet prunes
   there, DVN snapshots the old network for distillation;
 * list the levels (budgets) a task offers (:meth:`Method.levels`), predict at one
-  (:meth:`Method.predict`) and export one as a standalone network (:meth:`Method.export`).
+  (:meth:`Method.predict`) and export one as a standalone network (:meth:`Method.export`);
+* add figures computed on the evaluation data to each (task, level)'s evaluation row
+  (:meth:`Method.eval_columns`), e.g. FLOPs per instance when they depend on the input.
 
 The training loop, the CLI and the cost reports never branch on a method's name: they ask the registry.
 The current task and level are arguments, never globals.
@@ -80,7 +82,6 @@ def task_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return per.mean()
     m = batch.mask.to(per.dtype)
     return (per * m).sum() / m.sum().clamp_min(1.0)
-
 
 
 # ---- for the training loop's hooks (see Method's "loop hooks" section) --------------------------------
@@ -211,9 +212,7 @@ class Method:
     #: False when the method's training cannot run data-parallel (the loop refuses world size > 1)
     data_parallel: ClassVar[bool] = True
 
-    def next_phase(
-        self, tasks: list[str], done: list[Phase], history: list[dict[str, Any]]
-    ) -> Phase | None:
+    def next_phase(self, tasks: list[str], done: list[Phase], history: list[dict[str, Any]]) -> Phase | None:
         """The phase to train after ``done`` (None: training is over), decided from what training has
         shown: ``history`` holds one record per finished epoch ``{"phase", "epoch", "global_step",
         "train": {...mean losses of its last logged steps}, "eval": rows or None}``. The loop stores the
@@ -274,6 +273,21 @@ class Method:
     def shared_prefixes(self) -> tuple[str, ...]:
         """Prefixes of the exported parameter names that are shared between tasks (cost accounting)."""
         return ("trunk.",)
+
+    #: headings of the columns :meth:`eval_columns` adds (key -> heading), in the order ``virtnet eval``'s
+    #: table shows them after its own; a column not listed here is in ``--json`` and the API's rows only
+    eval_titles: ClassVar[dict[str, str]] = {}
+
+    def eval_columns(self, model: nn.Module, task: str, level: int, batches: list[Batch]) -> dict[str, Any]:
+        """Columns the method adds to the evaluation row of ``(task, level)``, computed on the evaluation
+        data: ``batches`` are every batch of the task's split (on the CPU; move them to the model's
+        device), the model is in eval mode under ``torch.inference_mode``. Called once per row by
+        :func:`virtnet.train.evaluate.evaluate` (so ``virtnet eval``, the API's ``evaluate`` /
+        ``evaluate_model`` and the training loop's evaluations all carry them); the keys must not be the
+        row's own (``task``, ``level``, ``accuracy``, ...). E.g. DEN's mean and max FLOPs per instance
+        of the structures its selector chose. Default: none (a method whose cost per instance does not
+        depend on the input has nothing to add: its cost rows say it)."""
+        return {}
 
     def summary(self, model: nn.Module, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Figures over a whole evaluation that ``virtnet eval`` prints under its table (and adds to its

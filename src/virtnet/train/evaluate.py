@@ -1,4 +1,4 @@
-"""Accuracy of every (task, level) of a model on a split."""
+"""Accuracy of every (task, level) of a model on a split, with the method's columns computed on it."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def evaluate(
     levels: str | list[int] = "all",
     batch_size: int = 256,
 ) -> list[dict[str, Any]]:
-    """Rows ``{"task", "level", "level_name", "split", "accuracy" (%), "correct", "total"}``.
+    """Rows ``{"task", "level", "level_name", "split", "accuracy" (%), "correct", "total"}`` and the
+    method's own columns for the row (:meth:`virtnet.methods.base.Method.eval_columns`).
 
     Args:
         method: the model's method (gives the levels and the forward of a level).
@@ -58,17 +59,23 @@ def evaluate(
                     c, n = accuracy_counts(logits, b.y, b.mask)
                     correct += c
                     total += n
-                rows.append(
-                    {
-                        "task": task,
-                        "level": lv.index,
-                        "level_name": lv.name,
-                        "split": split,
-                        "accuracy": 100.0 * correct / max(1, total),
-                        "correct": correct,
-                        "total": total,
-                    }
-                )
+                row = {
+                    "task": task,
+                    "level": lv.index,
+                    "level_name": lv.name,
+                    "split": split,
+                    "accuracy": 100.0 * correct / max(1, total),
+                    "correct": correct,
+                    "total": total,
+                }
+                extra = method.eval_columns(model, task, lv.index, batches)
+                clash = sorted(set(extra) & set(row))
+                if clash:
+                    raise ValueError(
+                        f"method '{method.name}': eval_columns returned the row's own keys {clash}"
+                    )
+                row.update(extra)
+                rows.append(row)
     finally:
         model.train(was_training)
     return rows

@@ -279,6 +279,27 @@ class DEN(Method):
     def shared_prefixes(self) -> tuple[str, ...]:
         return ("trunk.", "selector.body.", "selector.fc.")
 
+    eval_titles = {
+        "mean_flops": "mean FLOPs/inst (estimator)",
+        "max_flops": "max FLOPs/inst (estimator)",
+        "selector_flops": "selector FLOPs/inst",
+        "mean_flops_with_selector": "mean FLOPs/inst (+ selector)",
+        "estimator_params": "estimator params",
+        "selector_params": "selector params",
+    }
+
+    def eval_columns(self, model: nn.Module, task: str, level: int, batches: list[Batch]) -> dict[str, Any]:
+        """Per (task, budget level), over the evaluation inputs: the estimator FLOPs per instance of the
+        structure the selector chose within the level's bound (``mean_flops``, ``max_flops``), the
+        selector's FLOPs per instance, ``mean_flops_with_selector``, the estimator's and the selector's
+        parameters (:func:`virtnet.methods.den.report.flops_columns`), and ``level_bound``: the level's bound
+        on the estimator's ``budget_kind`` per instance (None: no bound)."""
+        from virtnet.methods.den.report import chosen_costs, flops_columns
+
+        assert isinstance(model, ElasticNet)
+        _, costs = chosen_costs(model, task, level, batches)
+        return {**flops_columns(model, task, costs), "level_bound": model.level_bound(task, level)}
+
     def summary(self, model: nn.Module, rows: list[dict[str, Any]]) -> dict[str, Any]:
         assert isinstance(model, ElasticNet)
         return {

@@ -21,6 +21,37 @@ from virtnet.methods.den.selector import log_probs
 from virtnet.train.evaluate import accuracy_counts
 
 
+def flops_columns(model: ElasticNet, task: str, costs: torch.Tensor) -> dict[str, Any]:
+    """The FLOPs and parameter columns of ``task``'s evaluation from ``costs``, the estimator FLOPs per
+    instance ``(N,)`` of the structures chosen (:meth:`ElasticNet.structure_costs`): ``mean_flops``
+    (exact: the integer sum over N) and ``max_flops`` (an int; None for an empty split),
+    ``selector_flops`` (per instance, the task's selector), ``mean_flops_with_selector``,
+    ``estimator_params`` and ``selector_params`` (the whole model's, as :meth:`DEN.summary`)."""
+    per = [int(v) for v in costs.round().long().tolist()]
+    mean = sum(per) / len(per) if per else None
+    sel = model.selector_costs(task)["flops"]
+    return {
+        "mean_flops": mean,
+        "max_flops": max(per) if per else None,
+        "selector_flops": sel,
+        "mean_flops_with_selector": None if mean is None else mean + sel,
+        "estimator_params": model.estimator_parameters(),
+        "selector_params": model.selector_parameters(),
+    }
+
+
+def chosen_costs(
+    model: ElasticNet, task: str, level: int | None, batches: list[Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The structures ``(N, n)`` that (task, budget level)'s deployable chooses for the inputs of
+    ``batches`` (the selector, then the level's budgeted decoding) and their estimator FLOPs ``(N,)``."""
+    net = model.task_network(task, level)
+    device = next(model.parameters()).device
+    zs = [net.structures(b.x.to(device)).cpu() for b in batches]
+    z = torch.cat(zs) if zs else torch.zeros(0, model.num_blocks, dtype=torch.long)
+    return z, model.structure_costs(task, z)
+
+
 @torch.inference_mode()
 def evaluate_den(
     model: ElasticNet,
@@ -59,19 +90,13 @@ def evaluate_den(
             flops.append(model.structure_costs(task, z))
             hist.update(tuple(int(v) for v in row) for row in z.tolist())
         f = torch.cat(flops)
-        sel = model.selector_costs(task)
         count = max(1, len(f))
         rows.append(
             {
                 "task": task,
                 "accuracy": 100.0 * correct / max(1, total),
-                "mean_flops": float(f.mean()),
-                "max_flops": int(f.max()),
+                **flops_columns(model, task, f),
                 "full_flops": model.cost_range(task)[1],
-                "selector_flops": sel["flops"],
-                "mean_flops_with_selector": float(f.mean()) + sel["flops"],
-                "estimator_params": model.estimator_parameters(),
-                "selector_params": model.selector_parameters(),
                 "histogram": [["".join(map(str, k)), v] for k, v in hist.most_common()],
                 "level_probability": (prob / count).tolist() if chooser is None else None,
             }
@@ -110,8 +135,8 @@ def level_distribution(model: ElasticNet, task: str, target_flops: float) -> tor
 
 
 def random_chooser(model: ElasticNet, targets: dict[str, float], seed: int = 0) -> Any:
-    """"rand sel": structures drawn independently per block from :func:`level_distribution` matched to
-    each task's ``targets[task]`` mean FLOPs (a fixed seed)."""
+    """The "rand sel" baseline: structures drawn independently per block from
+    :func:`level_distribution` matched to each task's ``targets[task]`` mean FLOPs (a fixed seed)."""
     g = torch.Generator().manual_seed(seed)
     dists = {t: level_distribution(model, t, f) for t, f in targets.items()}
 
@@ -180,7 +205,9 @@ def finite(v: float) -> bool:
 
 
 __all__ = [
+    "chosen_costs",
     "evaluate_den",
+    "flops_columns",
     "full_chooser",
     "level_distribution",
     "plot_accuracy_flops",
