@@ -17,7 +17,7 @@ from virtnet.api import task_specs
 from virtnet.backbones.registry import BackboneConfig, backbone_names
 from virtnet.cli import main
 from virtnet.config import RunConfig, validate
-from virtnet.errors import CheckpointError, ConfigError
+from virtnet.errors import CheckpointError, ConfigError, TrainingError
 from virtnet.methods import make_method
 from virtnet.methods.packnet import PackNet, PackNetConfig, PackNetModel
 from virtnet.train import TrainConfig, Trainer, load_checkpoint, load_model_state
@@ -318,3 +318,47 @@ def test_init_from_a_checkpoint_starts_from_its_trunk(tmp_path):
     model = packnet.build(task_specs(ts), BACKBONE)
     for k, v in source.state_dict().items():
         assert torch.equal(model.net.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("vgg", {"depth": 11, "width": 0.25, "hidden": [32]}), ("resnet", {"depth": 20, "width": 0.5})],
+)
+def test_the_default_batch_norm_from_scratch_does_not_diverge(name, options):
+    """Issue 15: with batch norm frozen after task 1 (the paper's choice for a pre-trained first task), a
+    network trained from scratch has no normalisation left for task 2, and the freed weights trained at the
+    first task's learning rate blow up within a few steps (docs/methods/packnet.md, "Frozen BatchNorm").
+    The default from scratch keeps batch norm per task and stays finite; frozen stays available."""
+    ts = make_taskset(shapes=((1, 14), (1, 14)), classes=4, n_train=256)
+    specs = task_specs(ts)
+    backbone = validate(BackboneConfig, {"name": name, "feature_size": 14, **options})
+    train = cfg(
+        epochs=2,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="cosine",
+        checkpoint_every=0,
+        nonfinite_loss="stop",
+    )
+    base = {"prune_ratios": [0.9], "retrain_epochs": 1, "retrain_lr": 0.005}
+
+    frozen = make_method("packnet", {**base, "task_specific_bn": False})
+    torch.manual_seed(0)
+    model = frozen.build(specs, backbone)
+    with pytest.raises(TrainingError, match="phase task-t1,"):  # the second task diverges
+        Trainer(frozen, model, ts, train, 0, None, {}, log=lambda s: None).fit()
+
+    method = make_method("packnet", base)
+    assert method.config.task_specific_bn is None and method.config.bn_per_task()
+    torch.manual_seed(0)
+    model = method.build(specs, backbone)
+    assert model.task_specific_bn
+    Trainer(method, model, ts, train, 0, None, {}, log=lambda s: None).fit()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        for s in specs:
+            assert torch.isfinite(model(batch_of(s), s.name)).all()
+    # a pre-trained first task (init_from) keeps the paper's frozen batch norm by default
+    assert not PackNetConfig(init_from="runs/x/model.json").bn_per_task()
+    assert PackNetConfig(init_from="runs/x/model.json", task_specific_bn=True).bn_per_task()

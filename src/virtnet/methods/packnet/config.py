@@ -34,8 +34,10 @@ class PackNetConfig(MethodConfig):
     retrain_schedule: Literal["constant", "step", "cosine"] = "constant"
     # incremental pruning: reach each task's ratio in this many prune + re-train rounds (1: one-shot)
     prune_steps: int = Field(default=1, ge=1)
-    # batch-norm parameters and running statistics per task (default: trained with task 1, then frozen)
-    task_specific_bn: bool = False
+    # batch-norm parameters and running statistics per task. None: per task when the network starts from
+    # scratch, frozen after task 1 (the paper's choice) with init_from (a pre-trained first task). Frozen
+    # BN from scratch diverges: docs/methods/packnet.md, "Frozen BatchNorm: why it diverged"
+    task_specific_bn: bool | None = None
     # biases (and any other non-prunable shared parameter) per task (default: trained with task 1, frozen)
     task_specific_bias: bool = False
     # one stem for every task (needs one input shape); None: shared when every task has the same shape
@@ -51,6 +53,13 @@ class PackNetConfig(MethodConfig):
                 if not 0.0 <= r < 1.0:
                     raise ValueError(f"each pruning ratio must lie in [0, 1), got {r}")
         return v
+
+    def bn_per_task(self) -> bool:
+        """Whether batch norm is kept per task: ``task_specific_bn``, or when it is None, True from scratch
+        and False (frozen after the first task, the paper's setting) with ``init_from``."""
+        if self.task_specific_bn is not None:
+            return self.task_specific_bn
+        return self.init_from is None
 
     def ratios_for(self, num_tasks: int) -> list[float]:
         """One pruning ratio per task (0 = not pruned) for ``num_tasks`` tasks.

@@ -8,7 +8,8 @@ Algorithm (Sec. 3), for tasks 1..N in order::
     train task t: only weights owned by t (and t's head / stem) move; earlier tasks' weights stay fixed
     prune: in every conv / FC layer, free the ratio_t smallest-magnitude weights owned by t (set them to 0)
     re-train task t for a few epochs at a small rate on the weights it kept
-    (biases and batch norm: trained with task 1, frozen afterwards; optionally one copy per task)
+    (biases: trained with task 1, frozen afterwards, optionally one copy per task; batch norm: one copy per
+    task by default from scratch, frozen after task 1 with a pre-trained first task, as in the paper)
     inference for task t: weights owned by tasks 1..t, the others masked to zero; task t's head
 
 Phases (one training loop, :class:`virtnet.train.Trainer`): per task ``task-<t>`` (train.epochs at
@@ -78,7 +79,7 @@ class PackNet(Method):
             load_matching(net, self.config.init_from)
         return PackNetModel.from_multitask(
             net,
-            task_specific_bn=self.config.task_specific_bn,
+            task_specific_bn=self.config.bn_per_task(),
             task_specific_bias=self.config.task_specific_bias,
         )
 
