@@ -1,8 +1,8 @@
-"""Benchmark: DEN scenario M1 at small scale (issue 11): three real sets of different input sizes — the
-digits (8x8), MNIST (28x28) and KMNIST-10k (28x28; these loaders have no resize or channel option,
-so all three have one channel) — one DEN per rho in {0.1, 1}, beside the individual backbones,
-NestedNet and grouped PackNet, the full estimator and "rand sel" (the estimator with random structures,
-matched to DEN's mean FLOPs per task), all on the full test splits.
+"""Benchmark: DEN scenario M1 at small scale (issue 11): three real sets of different input sizes and
+channels — the digits (8x8x1), MNIST resized to 32x32 and colorized (32x32x3: the per-task ``resize`` and
+``channels`` transforms, docs/data.md) and KMNIST-10k (28x28x1) — one DEN per rho in {0.1, 1},
+beside the individual backbones, NestedNet and grouped PackNet, the full estimator and "rand sel" (the
+estimator with random structures, matched to DEN's mean FLOPs per task), all on the full test splits.
 
 DEN rows: ``flops`` is the mean estimator FLOPs per instance (``max_flops``, ``selector_flops``,
 ``mean_flops_with_selector`` beside it), ``params`` the estimator's (``selector_params`` beside it).
@@ -257,7 +257,15 @@ def main() -> None:
         "sampling": "all",
         "tasks": [
             {"name": "digits", "dataset": "digits"},
-            {"name": "mnist", "dataset": "mnist", "train_size": n},
+            {
+                "name": "mnist_rgb32",
+                "dataset": "mnist",
+                "train_size": n,
+                "transforms": [
+                    {"kind": "resize", "size": 32},
+                    {"kind": "channels", "count": 3, "mode": "colorize", "seed": 0},
+                ],
+            },
             {"name": "kmnist10k", "dataset": "kmnist10k", "train_size": n},
         ],
     }
@@ -266,9 +274,7 @@ def main() -> None:
         "M1",
         data,
         args,
-        {
-            "tasks": "digits 8x8, MNIST 28x28, KMNIST-10k 28x28 (one channel each)"
-        },
+        {"tasks": "digits 8x8x1, MNIST resized to 32x32 and colorized (32x32x3), KMNIST-10k 28x28x1"},
     )
 
 
