@@ -13,11 +13,13 @@ of each budget level: selector, budgeted decoding and the grouped estimator, tim
 thin-32 VGG-16 widened every step on 3 tasks with alpha 10, so that it branches; each task's path).
 
 Timing, per network, at batch 1 and 64 with ``--threads`` fixed in both runtimes: eager PyTorch
-(:func:`virtnet.cost.latency_profile`, NCHW and channels_last, the faster used) and onnxruntime (the
+(:func:`virtnet.cost.measure_interleaved`, NCHW and channels_last, the faster used) and onnxruntime (the
 network written by ``virtnet export --format onnx``'s exporter, a CPU session); median of ``--repeats``
 calls after warm-up, in ``--rounds`` interleaved rounds (each round times an export and its plain network
-back to back). Latencies are medians over rounds; the export-vs-plain ratios are *paired*: the median over
-rounds of (plain time / export time) within each round, which cancels the machine's drift between rounds.
+call by call, in turn). Latencies are medians over rounds; the export-vs-plain ratios are *paired*: the
+median over rounds of the per-round median, over turns, of plain time / export time (both called in the
+same turn), which cancels the machine's drift (two identical networks timed one after the other come out
+up to 1.3x apart here; called in turn, within about 1 %).
 Plain network of the same shape: DVN level l is the backbone built directly at width l/4; PackNet's and
 the adapters' exports have the backbone's shape, so their plain network is the backbone itself; a DEN
 structure's is the backbone with each block's inner layers rebuilt at the structure's inner width; a
@@ -49,8 +51,8 @@ from _common import claim, parser, write_results  # noqa: E402
 from virtnet import api  # noqa: E402
 from virtnet.backbones.registry import BackboneConfig, build_multitask  # noqa: E402
 from virtnet.backbones.wrn import PreActBlock  # noqa: E402
-from virtnet.cost import bytes_on_disk, count_flops, count_parameters, latency_profile  # noqa: E402
-from virtnet.export.bench import ort_latency, plot_speedup  # noqa: E402
+from virtnet.cost import bytes_on_disk, count_flops, count_parameters, measure_interleaved  # noqa: E402
+from virtnet.export.bench import ort_interleaved, plot_speedup  # noqa: E402
 from virtnet.export.onnx import describe_deployed, export_onnx, ort_session  # noqa: E402
 from virtnet.export.runtime import Runtime  # noqa: E402
 from virtnet.nn import BatchNorm2d, Conv2d  # noqa: E402
@@ -97,10 +99,14 @@ def build_run(
 
 
 def time_pair(entries, spec, args, work: Path) -> dict:
-    """Median latencies of every network in ``entries`` ({name: net}) over interleaved rounds, and the
-    paired ratios: in every round each network is timed back to back with the others, so the ratio of two
-    networks' times within a round cancels the machine's drift; the median of the per-round ratios is
-    what the claims read (``("ratio", a, b, batch, kind)``: time of ``a`` / time of ``b``)."""
+    """Latencies of the networks in ``entries`` ({name: net}) and their paired ratios.
+
+    Per round and batch size, the networks are called in turn, call by call
+    (:func:`virtnet.cost.measure_interleaved`; onnxruntime: :func:`virtnet.export.bench.ort_interleaved`),
+    so that each sees the same machine state: eager PyTorch in both memory formats (the faster, by median
+    over rounds, is reported), then onnxruntime. Latencies are medians over rounds of the per-round
+    medians; ``("ratio", a, b, batch, kind)`` is the median over rounds of the per-round median of
+    time_a / time_b over turns — what the claims read."""
     sessions = {
         name: ort_session(
             export_onnx(net, spec, work / f"{name}.onnx", describe_deployed(spec, 0), what=name), args.threads
@@ -109,36 +115,36 @@ def time_pair(entries, spec, args, work: Path) -> dict:
     }
     samples: dict[tuple, list[float]] = {}
     contended = False
+    names = list(entries)
     for _ in range(args.rounds):
         for b in (1, 64):
             reps = args.repeats_b1 if b == 1 else args.repeats
-            for name, net in entries.items():
-                pr = latency_profile(
-                    net, spec.input_shape, (b,), threads=args.threads, warmup=args.warmup, repeats=reps
+            for fmt in ("nchw", "channels_last"):
+                r = measure_interleaved(
+                    entries, spec.input_shape, b, args.threads, fmt, warmup=args.warmup, repeats=reps
                 )
-                contended = contended or pr["contended"]
-                for fmt in ("nchw", "channels_last"):
-                    samples.setdefault((name, b, fmt), []).append(pr["batches"][b][fmt]["median_ms"])
-                samples.setdefault((name, b, "ort"), []).append(
-                    ort_latency(sessions[name], spec.input_shape, b, args.warmup, reps)["median_ms"]
-                )
+                contended = contended or r["contended"]
+                for n in names:
+                    samples.setdefault((n, b, fmt), []).append(r["median_ms"][n])
+                for (x, y), v in r["ratio"].items():
+                    samples.setdefault(("ratio", x, y, b, fmt), []).append(v)
+            r = ort_interleaved(sessions, spec.input_shape, b, args.warmup, reps)
+            for n in names:
+                samples.setdefault((n, b, "ort"), []).append(r["median_ms"][n])
+            for (x, y), v in r["ratio"].items():
+                samples.setdefault(("ratio", x, y, b, "ort"), []).append(v)
     out: dict = {"contended": contended}
-    for (name, b, kind), xs in samples.items():
-        out[(name, b, kind)] = statistics.median(xs)
-    for name in entries:
-        for b in (1, 64):
-            fmt = min(("nchw", "channels_last"), key=lambda f: out[(name, b, f)])
+    for key, xs in samples.items():
+        out[key] = statistics.median(xs)
+    for b in (1, 64):
+        for name in names:
+            fmt = min(("nchw", "channels_last"), key=lambda f, n=name: out[(n, b, f)])
             out[(name, b, "eager")] = out[(name, b, fmt)]
             out[(name, b, "format")] = fmt
-            samples[(name, b, "eager")] = samples[(name, b, fmt)]
-    names = list(entries)
-    for a in names:
-        for c in names:
-            if a != c:
-                for b in (1, 64):
-                    for kind in ("eager", "ort"):
-                        pairs = zip(samples[(a, b, kind)], samples[(c, b, kind)], strict=True)
-                        out[("ratio", a, c, b, kind)] = statistics.median(x / y for x, y in pairs)
+        if len(names) == 2:  # the ratio in the format the plain network (the reference) runs faster in
+            fmt = out[(names[1], b, "format")]
+            for x, y in ((names[0], names[1]), (names[1], names[0])):
+                out[("ratio", x, y, b, "eager")] = out[("ratio", x, y, b, fmt)]
     return out
 
 

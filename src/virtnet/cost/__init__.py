@@ -5,7 +5,7 @@ or result rows; see ``docs/cost.md`` for the counting rule, the FLOPs unit and h
 """
 
 from virtnet.cost.flops import count_flops, flop_counts
-from virtnet.cost.latency import FORMATS, latency_profile, measure_latency
+from virtnet.cost.latency import FORMATS, latency_profile, measure_interleaved, measure_latency
 from virtnet.cost.params import (
     bytes_on_disk,
     count_buffers,
@@ -48,6 +48,7 @@ __all__ = [
     "machine_info",
     "make_row",
     "markdown_table",
+    "measure_interleaved",
     "measure_latency",
     "parameter_breakdown",
     "plot_accuracy_vs_density",

@@ -79,6 +79,42 @@ def ort_latency(
     }
 
 
+def ort_interleaved(
+    sessions: dict[str, Any],
+    input_shape: Sequence[int],
+    batch_size: int,
+    warmup: int = 5,
+    repeats: int = 20,
+) -> dict[str, Any]:
+    """:func:`ort_latency` for several sessions called in turn (see
+    :func:`virtnet.cost.latency.measure_interleaved`): ``{"median_ms": {name: ms}, "ratio": {(a, b):
+    median over calls of time_a / time_b of the same turn}}``."""
+    from virtnet.export.onnx import INPUT_NAME, OUTPUT_NAME
+
+    rng = np.random.default_rng(0)
+    feed = {INPUT_NAME: rng.random((batch_size, *input_shape), dtype=np.float32)}
+    names = list(sessions)
+    for _ in range(warmup):
+        for n in names:
+            sessions[n].run([OUTPUT_NAME], feed)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            sessions[n].run([OUTPUT_NAME], feed)
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    return {
+        "median_ms": {n: float(np.median(np.asarray(t))) for n, t in times.items()},
+        "ratio": {
+            (a, b): float(np.median(np.asarray(times[a]) / np.asarray(times[b])))
+            for a in names
+            for b in names
+            if a != b
+        },
+    }
+
+
 def _onnx_session(network: nn.Module, spec: Any, threads: int, work: Path, name: str) -> Any:
     from virtnet.export.onnx import describe_deployed, export_onnx, ort_session
 
@@ -308,6 +344,7 @@ def summary_lines(rows: Sequence[Mapping[str, Any]], batch_sizes: Sequence[int])
 
 __all__ = [
     "bench_model",
+    "ort_interleaved",
     "ort_latency",
     "plain_like",
     "plot_speedup",
