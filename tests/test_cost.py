@@ -28,6 +28,7 @@ from virtnet.cost import (
     machine_info,
     make_row,
     markdown_table,
+    measure_interleaved,
     measure_latency,
     parameter_breakdown,
     plot_accuracy_vs_density,
@@ -229,6 +230,39 @@ def test_latency_profile_both_formats_and_batches():
     mlp = nn.Sequential(nn.Linear(6, 3))
     prof = latency_profile(mlp, (6,), batch_sizes=(1,), **FAST)
     assert prof["batches"][1]["best_format"] == "nchw"
+
+
+class _Recorder(nn.Module):
+    """A conv that appends its name to a shared log on every call (the interleaving order)."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+        self.conv = nn.Conv2d(3, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append(self.name)
+        return self.conv(x)
+
+
+def test_measure_interleaved_calls_in_turn_and_restores_state():
+    log: list[str] = []
+    a, b, c = (_Recorder(n, log) for n in "abc")
+    b.train()
+    w = b.conv.weight
+    old = torch.get_num_threads()
+    r = measure_interleaved({"a": a, "b": b, "c": c}, (3, 8, 8), 2, threads=1, warmup=1, repeats=4)
+    # warm-up: one call each; then turn i starts at module i mod 3 (a b c, b c a, c a b, a b c)
+    assert "".join(log) == "abc" + "abc" + "bca" + "cab" + "abc"
+    assert set(r["median_ms"]) == {"a", "b", "c"} and all(v > 0 for v in r["median_ms"].values())
+    assert set(r["ratio"]) == {(x, y) for x in "abc" for y in "abc" if x != y}
+    assert r["repeats"] == 4 and r["threads"] == 1 and isinstance(r["contended"], bool)
+    assert torch.get_num_threads() == old
+    assert b.training and b.conv.weight is w and w.is_contiguous()
+    with pytest.raises(ConfigError, match="at least one module"):
+        measure_interleaved({}, (3, 8, 8))
+    with pytest.raises(ConfigError, match="repeats"):
+        measure_interleaved({"a": a}, (3, 8, 8), repeats=0)
 
 
 # ---- reports -------------------------------------------------------------------------------------------
