@@ -4,9 +4,10 @@ A DEN estimator (WRN-16-4 by default, h = 3 levels per block, 32x32x3 inputs; ra
 statistics moved off their defaults: timing does not depend on the weights). A reference structure
 ``z_ref`` (every block at the middle level) is exported as a plain sliced network; a batch of 64 random
 per-instance structures is drawn from the per-block distribution whose expected FLOPs equal ``z_ref``'s
-("rand sel"'s matching; of 50 draws, the one whose mean FLOPs is closest to ``z_ref``'s). Timed, in
-eval mode without autograd, rounds alternating between the things
-compared, medians:
+("rand sel"'s matching; of 50 draws, the one whose mean FLOPs is closest to ``z_ref``'s). Timed in
+eval mode without autograd, the things compared called in turn, call by call (so that each sees the same
+machine state), in ``--rounds`` rounds; latencies are medians, and the claims read the median over
+rounds of the per-round median, over turns, of the two times' ratio:
 
 * masked path (every channel computed, inner channels multiplied by the level masks);
 * grouped path (block by block, instances grouped by level, sliced weights, skipped blocks not run);
@@ -39,16 +40,28 @@ from virtnet.methods import make_method  # noqa: E402
 from virtnet.methods.den.report import random_chooser  # noqa: E402
 
 
-def timed(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` calls (after 2 untimed)."""
+def in_turn(fns: dict, repeats: int) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
+    """Call ``fns`` ({name: fn}) in turn, call by call (turn i starts at fn i mod n), after 2 untimed
+    calls each: median milliseconds per name, and the median over turns of each pair's time ratio (both
+    called in the same turn: the machine's drift cancels)."""
+    names = list(fns)
     for _ in range(2):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(ts)
+        for n in names:
+            fns[n]()
+    ts: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[n]()
+            ts[n].append(1000 * (time.perf_counter() - t0))
+    ratio = {
+        (a, b): statistics.median(x / y for x, y in zip(ts[a], ts[b], strict=True))
+        for a in names
+        for b in names
+        if a != b
+    }
+    return {n: statistics.median(v) for n, v in ts.items()}, ratio
 
 
 def main() -> None:
@@ -105,13 +118,27 @@ def main() -> None:
         times: dict[str, list[float]] = {
             k: [] for k in ("masked", "grouped", "plain", "b1_model", "b1_plain")
         }
+        ratios: dict[str, list[float]] = {k: [] for k in ("masked/grouped", "grouped/plain", "b1")}
         for _ in range(args.rounds):
-            times["masked"].append(timed(lambda: model(x, "x", masked_route), args.repeats))
-            times["grouped"].append(timed(lambda: model(x, "x", grouped_route), args.repeats))
-            times["plain"].append(timed(lambda: plain(x), args.repeats))
-            times["b1_model"].append(timed(lambda: model(x1, "x", one_route), args.repeats_b1))
-            times["b1_plain"].append(timed(lambda: plain1(x1), args.repeats_b1))
+            ms64, r64 = in_turn(
+                {
+                    "masked": lambda: model(x, "x", masked_route),
+                    "grouped": lambda: model(x, "x", grouped_route),
+                    "plain": lambda: plain(x),
+                },
+                args.repeats,
+            )
+            ms1, r1 = in_turn(
+                {"b1_model": lambda: model(x1, "x", one_route), "b1_plain": lambda: plain1(x1)},
+                args.repeats_b1,
+            )
+            for k, v in {**ms64, **ms1}.items():
+                times[k].append(v)
+            ratios["masked/grouped"].append(r64[("masked", "grouped")])
+            ratios["grouped/plain"].append(r64[("grouped", "plain")])
+            ratios["b1"].append(r1[("b1_model", "b1_plain")])
     ms = {k: statistics.median(v) for k, v in times.items()}
+    ratio = {k: statistics.median(v) for k, v in ratios.items()}
     full = model.cost_range("x")[1]
     common = {"scenario": "speed", "task": "x", "accuracy": None, "params": model.estimator_parameters()}
     rows = [
@@ -160,14 +187,14 @@ def main() -> None:
             f"masked path time / grouped path time at batch {args.batch} with random per-instance structures",
             ">=",
             1.8,
-            ms["masked"] / ms["grouped"],
+            ratio["masked/grouped"],
         ),
         claim(
             "den_speed.grouped_over_plain",
             "grouped path time / time of a plain sliced network with the batch's mean FLOPs (within 2 %)",
             "<=",
             1.3,
-            ms["grouped"] / ms["plain"],
+            ratio["grouped/plain"],
         ),
         claim(
             "den_speed.flops_match",
@@ -181,7 +208,7 @@ def main() -> None:
             "batch 1: the chosen structure through the model / the same structure as a plain network",
             "<=",
             1.1,
-            ms["b1_model"] / ms["b1_plain"],
+            ratio["b1"],
         ),
     ]
     extra = {
@@ -191,6 +218,7 @@ def main() -> None:
         "threads": args.threads,
         "smoke": args.smoke,
         "times_ms": times,
+        "ratios_per_round": ratios,
     }
     stem = write_results("den_speed", rows, args.seed, args.out, extra=extra, claims=claims)
     for c in claims:

@@ -10,7 +10,10 @@ For every (task, level) of a model, its export (:meth:`virtnet.methods.Method.ex
   layers cost when built at that size rather than cut from a larger network — in both runtimes;
 
 at each batch size (1 and 64 by default): the median of ``repeats`` timed calls after ``warmup`` untimed
-ones, with the thread count fixed. Each row gives the FLOPs ratio to the task's largest level
+ones, with the thread count fixed. An export and its plain network are called in turn, call by call
+(:func:`virtnet.cost.measure_interleaved`, :func:`ort_interleaved`), and ``over_plain_*`` is the median
+over turns of the per-turn ratio: both see the same machine state, which on a small shared CPU drifts
+by tens of percent within seconds. Each row gives the FLOPs ratio to the task's largest level
 (``flops_ratio``), the measured speed-up over that level (``speedup_eager_b64``, ``speedup_ort_b64``
 ...), the plain network's speed-up, and the export's speed over the plain network's (``over_plain_*``,
 plain time / export time: 1 means as fast as a network built at that size). Latency does not depend on
@@ -161,6 +164,52 @@ def time_network(
     return {"eager": eager, "ort": ort, "contended": bool(prof["contended"])}
 
 
+def time_beside(
+    network: nn.Module,
+    reference: nn.Module,
+    spec: Any,
+    batch_sizes: Sequence[int],
+    threads: int,
+    warmup: int,
+    repeats: int,
+    onnx: bool,
+    work: Path,
+    name: str,
+) -> dict[str, Any]:
+    """:func:`time_network` for ``network`` and ``reference`` together, called in turn call by call
+    (:func:`virtnet.cost.measure_interleaved`, :func:`ort_interleaved`), so that both see the same machine
+    state; plus ``"over_eager"`` / ``"over_ort"``: {b: median over turns of reference time / network
+    time} (eager: in the reference's faster format)."""
+    from virtnet.cost import measure_interleaved
+
+    pair = {"net": network, "ref": reference}
+    images = len(tuple(spec.input_shape)) == 3
+    formats = ("nchw", "channels_last") if images else ("nchw",)
+    out: dict[str, Any] = {"net": {"eager": {}, "ort": {}}, "ref": {"eager": {}, "ort": {}}}
+    out.update(over_eager={}, over_ort={}, contended=False)
+    for b in batch_sizes:
+        per = {
+            f: measure_interleaved(pair, spec.input_shape, b, threads, f, warmup, repeats) for f in formats
+        }
+        out["contended"] = out["contended"] or any(r["contended"] for r in per.values())
+        for key in pair:
+            ms = {f: per[f]["median_ms"][key] for f in formats}
+            best = min(formats, key=lambda f, ms=ms: ms[f])
+            out[key]["eager"][b] = {"best_ms": ms[best], "best_format": best, **ms}
+        out["over_eager"][b] = per[out["ref"]["eager"][b]["best_format"]]["ratio"][("ref", "net")]
+    if onnx:
+        sessions = {
+            "net": _onnx_session(network, spec, threads, work, name),
+            "ref": _onnx_session(reference, spec, threads, work, name + "_plain"),
+        }
+        for b in batch_sizes:
+            r = ort_interleaved(sessions, spec.input_shape, b, warmup, repeats)
+            for key in pair:
+                out[key]["ort"][b] = {"median_ms": r["median_ms"][key]}
+            out["over_ort"][b] = r["ratio"][("ref", "net")]
+    return out
+
+
 def bench_model(
     method: Any,
     model: nn.Module,
@@ -214,7 +263,13 @@ def bench_model(
             for lv in method.levels(model, task):
                 net = method.export(model, task, lv.index)
                 tag = f"{task}_{lv.index}"
-                timing = time_network(net, spec, batch_sizes, threads, warmup, repeats, onnx, work, tag)
+                ref = None
+                if plain:
+                    ref = (plain_networks or {}).get((task, lv.index)) or plain_like(net)
+                    both = time_beside(net, ref, spec, batch_sizes, threads, warmup, repeats, onnx, work, tag)
+                    timing = {**both["net"], "contended": both["contended"]}
+                else:
+                    timing = time_network(net, spec, batch_sizes, threads, warmup, repeats, onnx, work, tag)
                 row: dict[str, Any] = {
                     "method": name,
                     "scenario": scenario or "+".join(model.tasks),  # type: ignore[attr-defined]
@@ -232,19 +287,14 @@ def bench_model(
                     row[f"format_b{b}"] = timing["eager"][b]["best_format"]
                     if onnx:
                         row[f"ort_ms_b{b}"] = timing["ort"][b]["median_ms"]
-                if plain:
-                    ref = (plain_networks or {}).get((task, lv.index)) or plain_like(net)
-                    pt = time_network(
-                        ref, spec, batch_sizes, threads, warmup, repeats, onnx, work, tag + "_plain"
-                    )
+                if ref is not None:
                     row["plain_params"] = count_parameters(ref)
-                    row["contended"] = row["contended"] or pt["contended"]
                     for b in batch_sizes:
-                        row[f"plain_ms_b{b}"] = pt["eager"][b]["best_ms"]
-                        row[f"over_plain_eager_b{b}"] = pt["eager"][b]["best_ms"] / row[f"latency_ms_b{b}"]
+                        row[f"plain_ms_b{b}"] = both["ref"]["eager"][b]["best_ms"]
+                        row[f"over_plain_eager_b{b}"] = both["over_eager"][b]
                         if onnx:
-                            row[f"plain_ort_ms_b{b}"] = pt["ort"][b]["median_ms"]
-                            row[f"over_plain_ort_b{b}"] = pt["ort"][b]["median_ms"] / row[f"ort_ms_b{b}"]
+                            row[f"plain_ort_ms_b{b}"] = both["ref"]["ort"][b]["median_ms"]
+                            row[f"over_plain_ort_b{b}"] = both["over_ort"][b]
                 task_rows.append(row)
             top = task_rows[-1]
             for row in task_rows:
@@ -349,6 +399,7 @@ __all__ = [
     "plain_like",
     "plot_speedup",
     "summary_lines",
+    "time_beside",
     "time_network",
     "worst",
 ]
