@@ -19,7 +19,9 @@ calls after warm-up, in ``--rounds`` interleaved rounds (each round times an exp
 call by call, in turn). Latencies are medians over rounds; the export-vs-plain ratios are *paired*: the
 median over rounds of the per-round median, over turns, of plain time / export time (both called in the
 same turn), which cancels the machine's drift (two identical networks timed one after the other come out
-up to 1.3x apart here; called in turn, within about 1 %).
+up to 1.3x apart here; called in turn, within about 1 %). onnxruntime's latencies are each session alone
+with its default spin-waiting; its ratios come from sessions without spin-waiting called in turn (with
+it, a session's threads spin after each run and slow the next session's run about 3x).
 Plain network of the same shape: DVN level l is the backbone built directly at width l/4; PackNet's and
 the adapters' exports have the backbone's shape, so their plain network is the backbone itself; a DEN
 structure's is the backbone with each block's inner layers rebuilt at the structure's inner width; a
@@ -52,7 +54,7 @@ from virtnet import api  # noqa: E402
 from virtnet.backbones.registry import BackboneConfig, build_multitask  # noqa: E402
 from virtnet.backbones.wrn import PreActBlock  # noqa: E402
 from virtnet.cost import bytes_on_disk, count_flops, count_parameters, measure_interleaved  # noqa: E402
-from virtnet.export.bench import ort_interleaved, plot_speedup  # noqa: E402
+from virtnet.export.bench import ort_interleaved, ort_latency, plot_speedup  # noqa: E402
 from virtnet.export.onnx import describe_deployed, export_onnx, ort_session  # noqa: E402
 from virtnet.export.runtime import Runtime  # noqa: E402
 from virtnet.nn import BatchNorm2d, Conv2d  # noqa: E402
@@ -104,15 +106,16 @@ def time_pair(entries, spec, args, work: Path) -> dict:
     Per round and batch size, the networks are called in turn, call by call
     (:func:`virtnet.cost.measure_interleaved`; onnxruntime: :func:`virtnet.export.bench.ort_interleaved`),
     so that each sees the same machine state: eager PyTorch in both memory formats (the faster, by median
-    over rounds, is reported), then onnxruntime. Latencies are medians over rounds of the per-round
-    medians; ``("ratio", a, b, batch, kind)`` is the median over rounds of the per-round median of
-    time_a / time_b over turns — what the claims read."""
-    sessions = {
-        name: ort_session(
-            export_onnx(net, spec, work / f"{name}.onnx", describe_deployed(spec, 0), what=name), args.threads
-        )
+    over rounds, is reported); onnxruntime latencies are each session alone (onnxruntime's default
+    spin-waiting), its ratios from sessions without spin-waiting called in turn. Latencies are medians
+    over rounds of the per-round medians; ``("ratio", a, b, batch, kind)`` is the median over rounds of
+    the per-round median of time_a / time_b over turns — what the claims read."""
+    paths = {
+        name: export_onnx(net, spec, work / f"{name}.onnx", describe_deployed(spec, 0), what=name)
         for name, net in entries.items()
     }
+    sessions = {name: ort_session(path, args.threads) for name, path in paths.items()}
+    quiet = {name: ort_session(path, args.threads, spinning=False) for name, path in paths.items()}
     samples: dict[tuple, list[float]] = {}
     contended = False
     names = list(entries)
@@ -128,11 +131,13 @@ def time_pair(entries, spec, args, work: Path) -> dict:
                     samples.setdefault((n, b, fmt), []).append(r["median_ms"][n])
                 for (x, y), v in r["ratio"].items():
                     samples.setdefault(("ratio", x, y, b, fmt), []).append(v)
-            r = ort_interleaved(sessions, spec.input_shape, b, args.warmup, reps)
-            for n in names:
-                samples.setdefault((n, b, "ort"), []).append(r["median_ms"][n])
-            for (x, y), v in r["ratio"].items():
-                samples.setdefault(("ratio", x, y, b, "ort"), []).append(v)
+            for n in names:  # alone, with onnxruntime's default spin-waiting
+                ms = ort_latency(sessions[n], spec.input_shape, b, args.warmup, reps)["median_ms"]
+                samples.setdefault((n, b, "ort"), []).append(ms)
+            if len(names) > 1:  # in turn, without spin-waiting (see ort_interleaved)
+                r = ort_interleaved(quiet, spec.input_shape, b, args.warmup, reps)
+                for (x, y), v in r["ratio"].items():
+                    samples.setdefault(("ratio", x, y, b, "ort"), []).append(v)
     out: dict = {"contended": contended}
     for key, xs in samples.items():
         out[key] = statistics.median(xs)

@@ -11,13 +11,15 @@ For every (task, level) of a model, its export (:meth:`virtnet.methods.Method.ex
 
 at each batch size (1 and 64 by default): the median of ``repeats`` timed calls after ``warmup`` untimed
 ones, with the thread count fixed. An export and its plain network are called in turn, call by call
-(:func:`virtnet.cost.measure_interleaved`, :func:`ort_interleaved`), and ``over_plain_*`` is the median
-over turns of the per-turn ratio: both see the same machine state, which on a small shared CPU drifts
-by tens of percent within seconds. Each row gives the FLOPs ratio to the task's largest level
-(``flops_ratio``), the measured speed-up over that level (``speedup_eager_b64``, ``speedup_ort_b64``
-...), the plain network's speed-up, and the export's speed over the plain network's (``over_plain_*``,
-plain time / export time: 1 means as fast as a network built at that size). Latency does not depend on
-the weights' values, so a model with random weights gives the same figures as a trained one.
+(:func:`virtnet.cost.measure_interleaved`; onnxruntime: :func:`ort_interleaved`, sessions without
+spin-waiting), and ``over_plain_*`` is the median over turns of the per-turn ratio: both see the same
+machine state, which on a small shared CPU drifts by tens of percent within seconds. The ``ort_ms``
+latencies are each session alone, with onnxruntime's default spin-waiting. Each row gives the FLOPs
+ratio to the task's largest level (``flops_ratio``), the measured speed-up over that level
+(``speedup_eager_b64``, ``speedup_ort_b64`` ...), the plain network's speed-up, and the export's speed
+over the plain network's (``over_plain_*``, plain time / export time: 1 means as fast as a network built
+at that size). Latency does not depend on the weights' values, so a model with random weights gives the
+same figures as a trained one.
 """
 
 from __future__ import annotations
@@ -89,9 +91,11 @@ def ort_interleaved(
     warmup: int = 5,
     repeats: int = 20,
 ) -> dict[str, Any]:
-    """:func:`ort_latency` for several sessions called in turn (see
-    :func:`virtnet.cost.latency.measure_interleaved`): ``{"median_ms": {name: ms}, "ratio": {(a, b):
-    median over calls of time_a / time_b of the same turn}}``."""
+    """:func:`ort_latency` for several sessions called in turn, call by call (see
+    :func:`virtnet.cost.latency.measure_interleaved`). Open the sessions with
+    ``ort_session(..., spinning=False)``: a session's worker threads otherwise spin after each run and
+    share the cores with the next session's run. Returns ``{"median_ms": {name: ms}, "ratio": {(a, b):
+    median over turns of time_a / time_b}}``."""
     from virtnet.export.onnx import INPUT_NAME, OUTPUT_NAME
 
     rng = np.random.default_rng(0)
@@ -118,11 +122,15 @@ def ort_interleaved(
     }
 
 
-def _onnx_session(network: nn.Module, spec: Any, threads: int, work: Path, name: str) -> Any:
+def _onnx_session(
+    network: nn.Module, spec: Any, threads: int, work: Path, name: str, spinning: bool = True
+) -> Any:
     from virtnet.export.onnx import describe_deployed, export_onnx, ort_session
 
-    path = export_onnx(network, spec, work / f"{name}.onnx", describe_deployed(spec, 0), what=name)
-    return ort_session(path, threads)
+    path = work / f"{name}.onnx"
+    if not path.exists():
+        export_onnx(network, spec, path, describe_deployed(spec, 0), what=name)
+    return ort_session(path, threads, spinning)
 
 
 def time_network(
@@ -179,7 +187,8 @@ def time_beside(
     """:func:`time_network` for ``network`` and ``reference`` together, called in turn call by call
     (:func:`virtnet.cost.measure_interleaved`, :func:`ort_interleaved`), so that both see the same machine
     state; plus ``"over_eager"`` / ``"over_ort"``: {b: median over turns of reference time / network
-    time} (eager: in the reference's faster format)."""
+    time} (eager: in the reference's faster format; onnxruntime: sessions without spinning, called in
+    turn — the ``ort`` latencies are each session's alone, with onnxruntime's default spinning)."""
     from virtnet.cost import measure_interleaved
 
     pair = {"net": network, "ref": reference}
@@ -197,15 +206,14 @@ def time_beside(
             best = min(formats, key=lambda f, ms=ms: ms[f])
             out[key]["eager"][b] = {"best_ms": ms[best], "best_format": best, **ms}
         out["over_eager"][b] = per[out["ref"]["eager"][b]["best_format"]]["ratio"][("ref", "net")]
-    if onnx:
-        sessions = {
-            "net": _onnx_session(network, spec, threads, work, name),
-            "ref": _onnx_session(reference, spec, threads, work, name + "_plain"),
-        }
+    if onnx:  # latencies: each session alone (spinning, onnxruntime's default); ratio: called in turn
+        names = {"net": (network, name), "ref": (reference, name + "_plain")}
+        alone = {k: _onnx_session(m, spec, threads, work, n) for k, (m, n) in names.items()}
+        quiet = {k: _onnx_session(m, spec, threads, work, n, spinning=False) for k, (m, n) in names.items()}
         for b in batch_sizes:
-            r = ort_interleaved(sessions, spec.input_shape, b, warmup, repeats)
             for key in pair:
-                out[key]["ort"][b] = {"median_ms": r["median_ms"][key]}
+                out[key]["ort"][b] = ort_latency(alone[key], spec.input_shape, b, warmup, repeats)
+            r = ort_interleaved(quiet, spec.input_shape, b, warmup, repeats)
             out["over_ort"][b] = r["ratio"][("ref", "net")]
     return out
 
