@@ -46,7 +46,9 @@ def _pixels(spec, n: int = 3, seed: int = 0) -> torch.Tensor:
 
 
 def _expected(run, task: str, level: int, u: torch.Tensor) -> torch.Tensor:
-    """The in-library forward on the normalised pixels."""
+    """The in-library forward on the normalised pixels (in eval mode: a run's model comes back from
+    training in training mode, and a test run alone would otherwise compare batch statistics)."""
+    run.model.eval()
     with torch.no_grad():
         return run.method.predict(run.model, deploy.normalise(u, run.model.spec(task)), task, level)
 

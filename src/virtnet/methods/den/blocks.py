@@ -427,15 +427,15 @@ class ElasticResidual(ElasticBlock):
         c = self.widths[level]
         if c == 0:
             return nn.Identity() if self.shortcut is None else ShortcutOnly(_copy_plain(self.shortcut))
-        new = copy.copy(self)
-        nn.Module.__init__(new)
-        ElasticBlock.__init__(new, (c,), self.slot, self.index)
+        # the backbone's own block at the level's inner width: an export runs what a plain ResNet runs
+        from virtnet.backbones.resnet import BasicBlock
+
+        new = BasicBlock(self.conv1.in_channels, self.conv2.out_channels, self.conv1.stride[0], self.dropout)
         new.conv1 = _sliced_conv(self.conv1, out_c=c)
         new.bn1 = sliced_batch_norm(self.bn1, torch.arange(c))  # type: ignore[arg-type]
         new.conv2 = _sliced_conv(self.conv2, in_c=c)
-        new.bn2 = LevelNorm(sliced_batch_norm(self.bn2.norm(level), None), [0])  # type: ignore[arg-type]
+        new.bn2 = sliced_batch_norm(self.bn2.norm(level), None)  # type: ignore[arg-type]
         new.shortcut = None if self.shortcut is None else _copy_plain(self.shortcut)
-        new.dropout = self.dropout
         return new.train(self.training)
 
 
@@ -496,15 +496,15 @@ class ElasticPreAct(ElasticBlock):
             if self.shortcut is None:
                 return nn.Identity()
             return PreActShortcutOnly(_copy_plain(self.bn1), _copy_plain(self.shortcut))
-        new = copy.copy(self)
-        nn.Module.__init__(new)
-        ElasticBlock.__init__(new, (c,), self.slot, self.index)
+        # the backbone's own block at the level's inner width: an export runs what a plain WRN runs
+        from virtnet.backbones.wrn import PreActBlock
+
+        new = PreActBlock(self.conv1.in_channels, self.conv2.out_channels, self.conv1.stride[0], self.dropout)
         new.bn1 = _copy_plain(self.bn1)
         new.conv1 = _sliced_conv(self.conv1, out_c=c)
         new.bn2 = sliced_batch_norm(self.bn2, torch.arange(c))  # type: ignore[arg-type]
         new.conv2 = _sliced_conv(self.conv2, in_c=c)
         new.shortcut = None if self.shortcut is None else _copy_plain(self.shortcut)
-        new.dropout = self.dropout
         return new.train(self.training)
 
 
