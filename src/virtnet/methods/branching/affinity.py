@@ -11,10 +11,11 @@ affinity of two tasks is the probability that an example is concurrently easy or
 Every expectation is estimated online from the training mini-batches (no extra forward pass): a weighted
 average of the within-batch averages, the batch ``k`` steps ago weighted by ``decay ** k`` (the paper's
 "error decay factor", 0.99). The pair average of a batch uses the examples labelled for both tasks; a pair
-never labelled on one example (tasks of different input domains, or masked attributes) gets the value the
-two marginals give under independence, ``q_i q_j + (1 - q_i)(1 - q_j)`` with ``q_i = P(e_i = 1)``: what
-is known of the pair without a joint observation (or a fixed value, the option ``unpaired_affinity``: 0
-says that tasks which never share an example have no affinity). The diagonal is exactly 1.
+never labelled on one example (tasks of different input domains, or masked attributes) has no joint
+observation, and gets the option ``unpaired_affinity``: by default 0 (no evidence that the two are easy
+or difficult together, so they are not grouped for it), or ``"independent"``: the value the two
+marginals give under independence, ``q_i q_j + (1 - q_i)(1 - q_j)`` with ``q_i = P(e_i = 1)`` — which is
+high whenever both tasks are mostly easy, whatever their relation. The diagonal is exactly 1.
 
 Branch affinity (eqs. 7-8): for branches ``k`` and ``l`` holding task sets ``I_k`` and ``J_l``,
 ``Ã(k, l) = mean_{i in I_k} min_{j in J_l} A(i, j)``, ``Ã(l, k)`` the same with the roles swapped and

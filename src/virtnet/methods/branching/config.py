@@ -29,8 +29,8 @@ class BranchingConfig(MethodConfig):
     max_rounds: int | None = Field(default=None, ge=0)
     # weight of a mini-batch in the affinity estimate, per newer mini-batch (the paper: 0.99)
     decay: float = Field(default=0.99, gt=0, lt=1)
-    # affinity of two tasks never labelled on one example: "independent" (from their marginals) or a number
-    unpaired_affinity: Literal["independent"] | float = "independent"
+    # affinity of two tasks never labelled on one example: a number (0: none) or "independent" (marginals)
+    unpaired_affinity: Literal["independent"] | float = 0.0
     # checkpoint of a wider virtnet VGG (joint, model vgg) to initialise from by SOMP (null: random)
     init_from: str | None = None
     # multilabel tasks whose outputs are separate tasks of the branching (binary attributes)
