@@ -326,7 +326,8 @@ class ElasticBlock(nn.Module, RoutedLayer):
         raise NotImplementedError
 
     def plain(self, route: Route | None) -> nn.Module:
-        return self.level_module(self.level_of(route))
+        with torch.random.fork_rng(devices=[]):  # the new layers' initial weights are replaced
+            return self.level_module(self.level_of(route))
 
     def level_module(self, level: int) -> nn.Module:
         """A standalone module computing this block at ``level`` (physically sliced weights)."""

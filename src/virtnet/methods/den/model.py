@@ -265,7 +265,9 @@ class ElasticNet(MultiTaskNet):
                     hk.remove()
             flops, params = [], []
             for i, b in enumerate(self.blocks()):
-                flops.append([count_flops(b.level_module(lv), shapes[i]) for lv in range(self.num_levels)])
+                with torch.random.fork_rng(devices=[]):  # building a level's module draws no numbers
+                    mods = [b.level_module(lv) for lv in range(self.num_levels)]
+                flops.append([count_flops(m, shapes[i]) for m in mods])
                 params.append([usage_count(b.level_usage(lv)) for lv in range(self.num_levels)])
             self._cache["blocks"] = {"flops": flops, "params": params}
         return self._cache["blocks"]
