@@ -143,6 +143,13 @@ def _sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
+def _check_counts(warmup: Any, repeats: Any) -> None:
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup must be a non-negative integer, got {warmup!r}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats must be a positive integer, got {repeats!r}")
+
+
 def measure_latency(
     module: nn.Module,
     input_shape: Sequence[int],
@@ -171,10 +178,7 @@ def measure_latency(
         asked); ``contended`` is True when other processes kept this one waiting for cores while timing.
     """
     fmt = _torch_format(memory_format)
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ConfigError(f"warmup must be a non-negative integer, got {warmup!r}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"repeats must be a positive integer, got {repeats!r}")
+    _check_counts(warmup, repeats)
     x = example_input(module, input_shape, batch_size)
     if x.dim() == 4:
         x = x.contiguous(memory_format=fmt)
@@ -233,10 +237,7 @@ def measure_interleaved(
     """
     if not modules:
         raise ConfigError("measure_interleaved needs at least one module")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ConfigError(f"warmup must be a non-negative integer, got {warmup!r}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"repeats must be a positive integer, got {repeats!r}")
+    _check_counts(warmup, repeats)
     fmt = _torch_format(memory_format)
     names = list(modules)
     first = modules[names[0]]
