@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from virtnet.errors import ConfigError
 from virtnet.nn import Conv2d, Route, RouteSequential
@@ -46,8 +47,9 @@ from virtnet.nn.protocol import RoutedLayer
 
 
 def _fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
+    """Whether ``t`` is a meta or fake tensor (traced: shapes only, no data)."""
+    if type(t) is torch.Tensor:  # the common eager case: a plain tensor on a real device
+        return t.device.type == "meta"
     return t.device.type == "meta" or is_fake(t)
 
 
@@ -243,6 +245,8 @@ class ElasticBlock(nn.Module, RoutedLayer):
         """Per-instance levels ``(B,)``: each level's instances through :meth:`run` at that level."""
         h = self.num_levels
         traced = _fake(x) or _fake(levels)
+        if not traced and levels.numel() == 1:  # one instance: its level's plain sliced block
+            return self.run(x, int(levels))
         if traced:  # traced (torch.export): every group, no data-dependent branch
             present = list(range(h))
         else:
