@@ -192,6 +192,41 @@ def test_inference_never_uses_batch_statistics():
     torch.testing.assert_close(alone, batch, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("part", ["estimator", "selector"])
+def test_every_task_goes_through_the_shared_norms_in_one_forward(part):
+    """A training step runs the trunk (estimator stage) or the selector's body (selector stage) once over
+    every task's batch: its first shared batch norm sees all ``B_a + B_b`` instances in one call, and its
+    running mean moves by momentum x that mixture's mean (as at inference, where one set of running
+    statistics serves every task). One forward per task would train each task on its own statistics."""
+    from virtnet.data.core import Batch
+
+    method, model = build()
+    sizes = {"a": 5, "b": 7}
+    batches = {
+        s.name: Batch(s.name, inputs(s, n=sizes[s.name], seed=i), torch.arange(sizes[s.name]) % s.num_outputs)
+        for i, s in enumerate(SPECS)
+    }
+    phase = method._phase(["a", "b"], 0 if part == "estimator" else 3)  # estimator-1 / selector-2
+    model.density_table()  # the cost tables (an eval-mode probe of the trunk, cached) exist already
+    model.train()
+    if part == "estimator":
+        bn = model.blocks()[0].bn1  # the shared norm over the first block's inner channels
+    else:
+        bn = next(m for m in model.selector.body if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    hook = bn.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    before = bn.running_mean.clone()
+    try:
+        method.training_step(model, batches, phase)
+    finally:
+        hook.remove()
+    assert [t.shape[0] for t in seen] == [12]
+    mean = seen[0].double().mean(dim=(0, 2, 3))
+    torch.testing.assert_close(
+        bn.running_mean.double(), 0.9 * before.double() + 0.1 * mean, rtol=1e-5, atol=1e-6
+    )
+
+
 # ---- budgets --------------------------------------------------------------------------------------------
 def test_budgeted_choice_is_the_most_probable_within_the_bound_and_never_exceeds_it():
     _, model = build()

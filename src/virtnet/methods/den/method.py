@@ -206,27 +206,38 @@ class DEN(Method):
     def _estimator_step(
         self, model: ElasticNet, batches: dict[str, Batch], stage: int
     ) -> dict[str, torch.Tensor]:
+        """The estimator on one structure per instance (stage 1: eq. 8; later: sampled from the selector),
+        masked path; every task's batch through the trunk in one forward (shared batch norms see the task
+        mixture, as at inference: :meth:`ElasticNet.forward_tasks`)."""
         c = self.config
         model.selector.eval()
+        tasks = list(batches)
+        with torch.no_grad():
+            if stage == 1:
+                z = {
+                    t: initial_structures(
+                        batches[t].x.shape[0], model.num_blocks, model.num_levels, c.tau, batches[t].x.device
+                    )
+                    for t in tasks
+                }
+            else:
+                logits = model.selector_logits_tasks({t: batches[t].x for t in tasks})
+                z = {t: sample(log_probs(logits[t]), 1)[0][:, 0] for t in tasks}
+        out_logits = model.forward_tasks({t: batches[t].x for t in tasks}, z, masked=True)
         out: dict[str, torch.Tensor] = {}
         total = torch.zeros(())
-        for task, b in batches.items():
-            with torch.no_grad():
-                if stage == 1:
-                    z = initial_structures(
-                        b.x.shape[0], model.num_blocks, model.num_levels, c.tau, b.x.device
-                    )
-                else:
-                    z, _ = sample(log_probs(model.selector_logits(b.x, task)), 1)
-                    z = z[:, 0]
-            loss = task_loss(model(b.x, task, model.instance_route(task, z, masked=True)), b)
-            out[f"loss/{task}"] = loss.detach()
-            out[f"den/{task}/density"] = model.density_table().to(z.device).gather(1, z.t()).mean().detach()
+        density = model.density_table()
+        for t in tasks:
+            loss = task_loss(out_logits[t], batches[t])
+            out[f"loss/{t}"] = loss.detach()
+            out[f"den/{t}/density"] = density.to(z[t].device).gather(1, z[t].t()).mean().detach()
             total = total + loss
         out["loss"] = total
         return out
 
     def _selector_step(self, model: ElasticNet, batches: dict[str, Batch]) -> dict[str, torch.Tensor]:
+        """The selector by REINFORCE (eq. 7) with the estimator fixed; every task's batch through the
+        selector's shared body in one forward (its batch norms see the task mixture, as at inference)."""
         c = self.config
         for m in model.estimator_modules():
             m.eval()  # the estimator is fixed: running statistics, no updates
@@ -234,8 +245,9 @@ class DEN(Method):
         eps = self.epsilon(model)
         out: dict[str, torch.Tensor] = {}
         total = torch.zeros(())
+        logits = model.selector_logits_tasks({t: b.x for t, b in batches.items()})
         for task, b in batches.items():
-            logp = log_probs(model.selector_logits(b.x, task))
+            logp = log_probs(logits[task])
             z, logq = sample(logp, c.samples, eps)
             r = rewards(model, b.x, b, task, z, c.rho)
             base = None

@@ -224,6 +224,39 @@ class ElasticNet(MultiTaskNet):
         """The selector's logits ``(B, n, h)`` for task ``task``'s inputs."""
         return self.selector(x, self.spec(task))
 
+    def selector_logits_tasks(self, xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The selector's logits for several tasks' batches ``{task: x}``, its shared body run once over
+        the concatenated batch (:meth:`Selector.forward_tasks`)."""
+        tasks = list(xs)
+        for t in tasks:
+            self.check_task(t)
+        out = self.selector.forward_tasks([(xs[t], self.spec(t)) for t in tasks])
+        return dict(zip(tasks, out, strict=True))
+
+    def forward_tasks(
+        self, xs: dict[str, torch.Tensor], z: dict[str, torch.Tensor], masked: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The logits of several tasks' batches ``{task: x}`` with per-instance structures ``{task: z}``:
+        each task's stem, then the trunk run **once** over the concatenated batch (one instance route),
+        then each task's head. In training the trunk's shared batch norms then normalise with the task
+        mixture's statistics, which their running statistics (used at inference) estimate; run one task at
+        a time, each task would be trained on its own statistics and tested on the mixture's (the joint
+        baseline measured Fashion-MNIST at 58.9 % instead of 86 % that way)."""
+        tasks = list(xs)
+        if len(tasks) == 1:
+            (t,) = tasks
+            return {t: self(xs[t], t, self.instance_route(t, z[t], masked=masked))}
+        for t in tasks:
+            self.check_task(t)
+        feats = torch.cat([call(self.stem(t), xs[t], None) for t in tasks])
+        zz = torch.cat([self.check_structures(z[t]) for t in tasks])
+        inst = torch.nn.functional.one_hot(zz, self.num_levels).float() if masked else zz
+        f = self.trunk(feats, Route("", instance=inst))
+        return {
+            t: call(self.heads[t], ft, None)
+            for t, ft in zip(tasks, f.split([xs[t].shape[0] for t in tasks]), strict=True)
+        }
+
     def choose(
         self, x: torch.Tensor, task: str | Sequence[str], bound: float | None = None, kind: str | None = None
     ) -> torch.Tensor:

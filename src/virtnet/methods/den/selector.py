@@ -79,6 +79,19 @@ class Selector(nn.Module):
     def forward(self, x: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
         return self.net(spec)(x)
 
+    def forward_tasks(self, inputs: list[tuple[torch.Tensor, TaskSpec]]) -> list[torch.Tensor]:
+        """The logits of several tasks' batches ``[(x_t, spec_t), ...]``, the shared body run **once** over
+        their concatenated input-layer outputs: in training its batch norms normalise with the statistics
+        of the task mixture, which their running statistics (used at inference) estimate. (Run one task
+        at a time, each task would train on its own statistics and be tested on the mixture's.)"""
+        if len(inputs) == 1:
+            x, spec = inputs[0]
+            return [self(x, spec)]
+        stems = [self.stems[shape_key(spec)](x) for x, spec in inputs]
+        f = self.body(torch.cat(stems)).mean(dim=(2, 3))
+        logits = self.fc(f).reshape(f.shape[0], self.blocks, self.levels)
+        return list(logits.split([x.shape[0] for x, _ in inputs]))
+
 
 # ---- decodings -------------------------------------------------------------------------------------------
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
