@@ -178,7 +178,11 @@ def test_label_map_coarse_grouping() -> None:
 def test_fashion_coarse_fine_tasks(tmp_path: Path) -> None:
     ytr, yte = write_fake_fashion(tmp_path)
     cfg = DataConfig.model_validate(
-        {"root": str(tmp_path), "scenario": {"kind": "coarse_fine", "dataset": "fashion_mnist"}}
+        {
+            "root": str(tmp_path),
+            "val_fraction": 0,  # every training image, in file order
+            "scenario": {"kind": "coarse_fine", "dataset": "fashion_mnist"},
+        }
     )
     ts = build_taskset(cfg, seed=0)
     assert ts.names == ["fashion_mnist_coarse", "fashion_mnist_fine"]
@@ -346,7 +350,8 @@ def test_config_split_classes_builds_exact_tasks() -> None:
     assert torch.equal(t0.test.images, d.test.images[keep])
     assert t0.test.labels.tolist() == [0 if int(c) == 3 else 1 for c in d.test.labels[keep]]
     assert t0.augment == AugmentSpec(crop_padding=1) and t0.val is not None and len(t0.val) == 10
-    assert len(ts["extra"].train) == 10 and ts["extra"].num_outputs == 1
+    # extra has no val_fraction of its own: data.val_fraction (0.1) of its 10 images is its val split
+    assert len(ts["extra"].train) == 9 and len(ts["extra"].val or []) == 1 and ts["extra"].num_outputs == 1
     # same seed, same task set
     again = build_taskset(cfg, seed=0)
     assert torch.equal(again[0].train.images, t0.train.images)
@@ -423,7 +428,7 @@ def permuted_cfg(**extra: object) -> dict:
     ]
     tasks[1]["transforms"] = [{"kind": "permute_pixels", "seed": 1}]
     tasks[2]["transforms"] = [{"kind": "rotate", "degrees": 90}]
-    return {"tasks": tasks}
+    return {"val_fraction": 0, "tasks": tasks}  # every task's whole training split
 
 
 def test_config_transforms_give_a_domain_incremental_sequence() -> None:
@@ -545,7 +550,9 @@ def test_coarse_fine_with_a_custom_grouping(tmp_path: Path) -> None:
     assert coarse.num_outputs == 2 and fine.num_outputs == 10
     assert coarse.train.labels.tolist() == [int(y) % 2 for y in fine.train.labels]
     assert coarse.test.labels.tolist() == [int(y) % 2 for y in yte]
-    assert torch.equal(coarse.train.images, fine.train.images) and len(coarse.train) == 20
+    # one sample key: the same subsample and the same default val split (0.1 of 20) in both tasks
+    assert torch.equal(coarse.train.images, fine.train.images) and len(coarse.train) == 18
+    assert coarse.val is not None and fine.val is not None and torch.equal(coarse.val.images, fine.val.images)
     names = load_dataset_fashion(tmp_path).class_names
     assert coarse.class_names == ["+".join(names[0::2]), "+".join(names[1::2])]
     # any dataset, with no coarse labels of its own

@@ -407,16 +407,24 @@ def predict(
 
 
 def shared_budget(
-    loaded: Loaded, taskset: TaskSet, budget: Any, tasks: list[str] | None = None
+    loaded: Loaded,
+    taskset: TaskSet,
+    budget: Any,
+    tasks: list[str] | None = None,
+    allow_test: bool = False,
 ) -> dict[str, Any]:
-    """One level per task maximising the summed accuracy (validation split when every task has one, else
-    test) within one total budget of params or flops; see :func:`virtnet.methods.budget.choose_levels`."""
+    """One level per task maximising the summed accuracy on the validation split within one total budget
+    of params or flops; see :func:`virtnet.methods.budget.choose_levels`.
+
+    Every task must have a validation split (``data.val_fraction``, default 0.1): a task without one is a
+    one-line ConfigError naming it, unless ``allow_test`` (then the levels are chosen on the test split,
+    and ``selected_on`` says ``"test"``). The result's ``accuracy`` is that split's."""
     from virtnet.methods.budget import Budget, choose_levels, parse_budget
 
     b = budget if isinstance(budget, Budget) else parse_budget(str(budget))
     tasks = tasks or [s.name for s in loaded.specs]
     taskset = normalised_as(taskset, loaded.specs)
-    split = "val" if all(taskset[t].val is not None for t in tasks) else "test"
+    split = taskset.choice_split(tasks, allow_test, "levels under a shared budget")
     rows = evaluate(loaded.method, loaded.model, taskset, split=split, tasks=tasks)
     acc = {(r["task"], r["level"]): r["accuracy"] for r in rows}
     shapes = {s.name: (s.in_channels, s.input_size, s.input_size) for s in loaded.specs}
@@ -598,13 +606,15 @@ def runtime(
     accuracy: Any = "val",
     data_root: str | None = None,
     threads: int | None = None,
+    allow_test: bool = False,
 ) -> Any:
     """A :class:`virtnet.export.runtime.Runtime` over a checkpoint (loaded once); the planner maximises
     the ``accuracy`` split's accuracy (``"val"``, ``"test"``, a ``{(task, level): acc}`` mapping, or None
-    for the largest levels)."""
+    for the largest levels). ``"val"`` needs a validation split in every task (a one-line ConfigError
+    otherwise) unless ``allow_test``, which falls back to the test split."""
     from virtnet.export.runtime import Runtime
 
-    return Runtime.load(path, accuracy, data_root, threads)
+    return Runtime.load(path, accuracy, data_root, threads, allow_test=allow_test)
 
 
 def plan(
@@ -613,16 +623,20 @@ def plan(
     tasks: list[str] | None = None,
     accuracy: Any = "val",
     data_root: str | None = None,
+    allow_test: bool = False,
 ) -> dict[str, Any]:
     """One level per task of ``tasks`` (default: all) within a total ``budget`` (``params=N`` or
     ``bytes=N``), maximising the summed accuracy, shared parameters counted once; applied in a runtime,
-    which reports the resident memory it measured beside the estimate (``measured``)."""
+    which reports the resident memory it measured beside the estimate (``measured``). ``accuracy``
+    ``"val"`` (the default) needs a validation split in every task: a task without one is a one-line
+    ConfigError unless ``allow_test`` (the test split then, ``selected_on: "test"``); ``"test"`` chooses
+    on the test split explicitly."""
     from virtnet.export.runtime import Runtime, level_accuracy
 
     split: str | None = "given" if accuracy is not None else None
     acc = accuracy
     if isinstance(accuracy, str):
-        acc, split = level_accuracy(loaded, accuracy, data_root)
+        acc, split = level_accuracy(loaded, accuracy, data_root, allow_test=allow_test)
     rt = Runtime(loaded.method, loaded.model, acc)
     out = rt.plan(budget, tasks or [s.name for s in loaded.specs]).to_dict()
     out["selected_on"] = split

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from virtnet.errors import ConfigError, VirtnetError
+from virtnet.errors import ConfigError, DataWarning, VirtnetError
 
 TABLE_COLUMNS = [
     ("task", "task"),
@@ -241,11 +242,12 @@ def cmd_eval_shared(args: argparse.Namespace) -> int:
     loaded = api.load(args.checkpoint)
     taskset = loaded.taskset(args.data_root)
     tasks = [args.task] if args.task else None
-    out = api.shared_budget(loaded, taskset, args.shared_budget, tasks)
+    out = api.shared_budget(loaded, taskset, args.shared_budget, tasks, allow_test=args.allow_test_split)
     if args.json:
         print(json.dumps(out, indent=2, default=float))
     else:
-        print(f"shared budget {out['budget']}: levels chosen on the {out['selected_on']} split")
+        note = " (--allow-test-split: a task has no validation split)" if out["selected_on"] == "test" else ""
+        print(f"shared budget {out['budget']}: levels chosen on the {out['selected_on']} split{note}")
         for t, lv in out["levels"].items():
             print(f"  {t}: level {lv} ({out['accuracy'][t]:.2f}%)")
         print(f"total cost {out['cost']:,}; summed accuracy {out['accuracy_sum']:.2f}")
@@ -347,7 +349,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     loaded = api.load(args.checkpoint)
     tasks = _name_list(args.tasks)
     accuracy: Any = None if args.split == "none" else args.split
-    out = api.plan(loaded, args.budget, tasks, accuracy=accuracy, data_root=args.data_root)
+    allow = args.allow_test_split
+    out = api.plan(loaded, args.budget, tasks, accuracy=accuracy, data_root=args.data_root, allow_test=allow)
     if args.json:
         print(json.dumps(out, indent=2, default=float))
         return 0
@@ -595,7 +598,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--budget", help="largest level within a budget: params=N, density=F|P%%, flops=N, level=N"
     )
-    e.add_argument("--shared-budget", help="one level per task within one total budget: params=N or flops=N")
+    e.add_argument(
+        "--shared-budget",
+        help="one level per task within one total budget: params=N or flops=N (levels chosen on val)",
+    )
+    e.add_argument(
+        "--allow-test-split",
+        action="store_true",
+        help="with --shared-budget: choose on the test split when a task has no validation split",
+    )
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="write one (task, level) as a standalone, physically smaller network")
@@ -637,7 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--split",
         default="val",
         choices=["val", "test", "none"],
-        help="accuracy maximised (val falls back to test without a validation split; none: largest levels)",
+        help="accuracy maximised (val: every task needs a validation split; none: largest levels)",
+    )
+    pl.add_argument(
+        "--allow-test-split",
+        action="store_true",
+        help="with --split val: choose on the test split when a task has no validation split",
     )
     pl.add_argument("--data-root")
     pl.add_argument("--json", action="store_true")
@@ -668,6 +684,19 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _show_warning(
+    message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """virtnet's own warnings (:class:`DataWarning`) as one line ``virtnet: warning: ...`` on stderr."""
+    if isinstance(category, type) and issubclass(category, DataWarning):
+        print(f"virtnet: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -675,7 +704,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from virtnet.threads import apply_default
 
         apply_default(None)
-        rc = int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            rc = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
         return rc
     except BrokenPipeError:

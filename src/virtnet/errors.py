@@ -30,3 +30,8 @@ class BudgetError(VirtnetError):
 
 class TrainingError(VirtnetError):
     """Training cannot go on meaningfully (a non-finite loss: the run diverged)."""
+
+
+class DataWarning(UserWarning):
+    """Data was built differently from what the config asked by default (e.g. a training split too small
+    for the default validation split: the task gets none). Shown once per message."""

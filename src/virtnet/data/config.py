@@ -5,6 +5,7 @@
     data:
       root: null              # else VIRTNET_DATA_ROOT, ../shared/data, /usr/share/datasets
       sampling: all           # all | round_robin | proportional (see virtnet.data.loader)
+      val_fraction: 0.1       # default validation split of every task without its own (0: none)
       scenario:               # optional shorthand expanding to tasks
         kind: split_classes   # split_classes | coarse_fine | attributes | datasets
         dataset: digits
@@ -52,6 +53,9 @@ from virtnet.schema import Seed, Strict, _number_problem
 _MARK = "\x00"
 SYNTHETIC_MAX_BYTES = 2 * 10**9
 """The largest synthetic dataset (uint8 image bytes) a config may ask for."""
+DEFAULT_VAL_FRACTION = 0.1
+"""``data.val_fraction``'s default: the share of every task's training images held out as its ``val``
+split unless the task (or scenario) sets its own ``val_fraction`` (0: none)."""
 
 
 def _fail(msg: str) -> PydanticCustomError:
@@ -243,7 +247,8 @@ class TaskConfig(Strict):
     attributes: AttributesType | None = None  # {name: [positive classes]} -> multilabel task
     train_size: int | None = Field(default=None, ge=1)  # stratified seeded subsample of train
     test_size: int | None = Field(default=None, ge=1)  # stratified seeded subsample of test
-    val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)  # part of train held out as val
+    # part of train held out as val; None: data.val_fraction; 0: no val split
+    val_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     transforms: list[TransformConfig] = Field(default_factory=list)  # fixed input transforms, in order
     subsample_group: str | None = None  # tasks of one group share one seeded subsample of the dataset
@@ -358,7 +363,7 @@ class ScenarioConfig(Strict):
     attributes: AttributesType | None = Field(default=None, validate_default=True)
     train_size: int | None = Field(default=None, ge=1)  # per task
     test_size: int | None = Field(default=None, ge=1)  # per task
-    val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)  # per task
+    val_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)  # per task; None: data.val_fraction
     augment: AugmentConfig = Field(default_factory=AugmentConfig)  # per task
     # coarse_fine: {fine class: coarse group} (default: the dataset's own coarse labels)
     coarse_map: dict[int, int] | None = Field(default=None, validate_default=True)
@@ -509,9 +514,15 @@ class ScenarioConfig(Strict):
 _GROUP_KEYS = ("dataset", "root", "options", "train_size", "test_size", "val_fraction")
 
 
-def _check_groups(tasks: list[TaskConfig]) -> None:
+def _check_groups(tasks: list[TaskConfig], val_default: float) -> None:
     """Tasks of one ``subsample_group`` draw from the same images: same dataset, root, options, sizes and
-    val fraction, and the same kept classes (both all, or the same ``classes`` of the same ``label``)."""
+    val fraction (a task's own or the ``val_default`` it inherits), and the same kept classes (both all,
+    or the same ``classes`` of the same ``label``)."""
+
+    def value(t: TaskConfig, k: str) -> Any:
+        v = getattr(t, k)
+        return val_default if k == "val_fraction" and v is None else v
+
     first: dict[str, int] = {}
     for i, t in enumerate(tasks):
         g = t.subsample_group
@@ -523,9 +534,9 @@ def _check_groups(tasks: list[TaskConfig]) -> None:
         j = first[g]
         ref = tasks[j]
         for k in _GROUP_KEYS:
-            if getattr(t, k) != getattr(ref, k):
+            if value(t, k) != value(ref, k):
                 raise _fail(
-                    f"tasks[{i}].{k}: {getattr(t, k)!r} differs from tasks[{j}]'s {getattr(ref, k)!r}, and "
+                    f"tasks[{i}].{k}: {value(t, k)!r} differs from tasks[{j}]'s {value(ref, k)!r}, and "
                     f"both are in subsample_group '{g}' (a group shares one subsample of one dataset)"
                 )
         if (t.classes, t.label) != (ref.classes, ref.label) and not (
@@ -543,6 +554,8 @@ class DataConfig(Strict):
 
     root: str | None = None  # data root; else VIRTNET_DATA_ROOT, ../shared/data, /usr/share/datasets
     sampling: Literal["all", "round_robin", "proportional"] = "all"  # MultiTaskLoader sampling
+    # the validation split of every task (and scenario) without a val_fraction of its own; 0: none
+    val_fraction: float = Field(default=DEFAULT_VAL_FRACTION, ge=0.0, lt=1.0)
     scenario: ScenarioConfig | None = None  # shorthand expanding to tasks
     tasks: list[TaskConfig] = Field(default_factory=list, validate_default=True)  # explicit tasks
 
@@ -561,7 +574,7 @@ class DataConfig(Strict):
             if n in first:
                 raise _fail(f"task name '{n}' is used twice ({first[n]} and {where}); set distinct names")
             first[n] = where
-        _check_groups(v)
+        _check_groups(v, info.data.get("val_fraction", DEFAULT_VAL_FRACTION))
         return v
 
     def task_names(self) -> list[str]:
@@ -575,6 +588,11 @@ def build_taskset(cfg: DataConfig, seed: int) -> TaskSet:
     Each dataset is loaded once (per root and options) even when several tasks use it. Dataset splits of
     their own (digits, kmnist10k) use fixed seeds; the run ``seed`` drives only ``train_size`` /
     ``test_size`` subsampling and ``val_fraction`` splits.
+
+    A task (or the scenario) without a ``val_fraction`` of its own holds out ``data.val_fraction`` of its
+    training images as ``val``; when that default leaves no val or no training image (a tiny task), the
+    task gets no val split and a :class:`virtnet.errors.DataWarning` (an explicit ``val_fraction`` that
+    cannot be carved is a ConfigError).
 
     Args:
         cfg: the validated ``data:`` section.
@@ -605,7 +623,8 @@ def build_taskset(cfg: DataConfig, seed: int) -> TaskSet:
         common: dict[str, Any] = {
             "train_size": sc.train_size,
             "test_size": sc.test_size,
-            "val_fraction": sc.val_fraction,
+            "val_fraction": cfg.val_fraction if sc.val_fraction is None else sc.val_fraction,
+            "val_default": sc.val_fraction is None,
             "augment": sc.augment.spec(),
             "seed": seed,
             "where": "data.scenario",
@@ -643,7 +662,8 @@ def build_taskset(cfg: DataConfig, seed: int) -> TaskSet:
                 attributes=_attrs_plain(t.attributes),
                 train_size=t.train_size,
                 test_size=t.test_size,
-                val_fraction=t.val_fraction,
+                val_fraction=cfg.val_fraction if t.val_fraction is None else t.val_fraction,
+                val_default=t.val_fraction is None,
                 augment=t.augment.spec(),
                 seed=seed,
                 sample_key=None if t.subsample_group is None else f"subsample_group:{t.subsample_group}",
@@ -655,6 +675,7 @@ def build_taskset(cfg: DataConfig, seed: int) -> TaskSet:
 
 
 __all__ = [
+    "DEFAULT_VAL_FRACTION",
     "AttributeConfig",
     "AugmentConfig",
     "DataConfig",

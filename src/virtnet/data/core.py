@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from virtnet.errors import DataError, TaskError
+from virtnet.errors import ConfigError, DataError, TaskError
 
 TaskKind = Literal["multiclass", "multilabel"]
 
@@ -180,6 +180,28 @@ class TaskSet:
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    def choice_split(
+        self, tasks: Sequence[str] | None = None, allow_test: bool = False, what: str = "levels"
+    ) -> str:
+        """The split a choice made from data (a level under a shared budget, a plan) is made on.
+
+        ``"val"`` when every one of ``tasks`` (default: all) has a validation split; else ``"test"`` when
+        ``allow_test`` (the caller must say so in its output), else a one-line ConfigError naming the tasks
+        without one: choices are never made on the test split silently.
+        """
+        names = list(tasks) if tasks is not None else self.names
+        missing = [n for n in names if self[n].val is None]
+        if not missing:
+            return "val"
+        if allow_test:
+            return "test"
+        which = ", ".join(f"'{n}'" for n in missing)
+        raise ConfigError(
+            f"task{'s' if len(missing) > 1 else ''} {which}: no validation split, and {what} are chosen on "
+            "val, never on the test split; train with val_fraction > 0 (data.val_fraction, default 0.1, or "
+            "the task's own), or choose on the test split explicitly (--allow-test-split, allow_test=True)"
+        )
 
     def describe(self) -> list[dict]:
         """One dict per task: name, kind, outputs, input shape and split sizes."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 from virtnet.data.core import ArrayDataset, AugmentSpec, Task, TaskSet
 from virtnet.data.datasets import DatasetSplits
 from virtnet.data.transforms import apply_transforms, check_transforms
-from virtnet.errors import ConfigError, DataError
+from virtnet.errors import ConfigError, DataError, DataWarning
 
 TASK_NAME_PATTERN = r"[A-Za-z0-9_-]+"
 
@@ -269,6 +270,7 @@ def make_task(
     sample_key: str | None = None,
     transforms: Sequence[Mapping[str, Any]] | None = None,
     where: str | None = None,
+    val_default: bool = False,
 ) -> Task:
     """Build one task from a dataset (see the module docstring for the order of the steps).
 
@@ -284,7 +286,7 @@ def make_task(
         train_size: subsample the training images to this many (stratified by fine class, seeded).
         test_size: subsample the test images likewise.
         val_fraction: hold out ``floor(val_fraction * N_train + 0.5)`` training images (stratified) as
-            the ``val`` split, in [0, 1).
+            the ``val`` split, in [0, 1); 0: no val split.
         augment: training augmentation (default none).
         seed: the run seed; subsampling and the val split use generators derived from ``(seed,
             sample_key, step)``.
@@ -296,6 +298,9 @@ def make_task(
             "seed": 0}]`` (:mod:`virtnet.data.transforms`); the task's input shape and ``mean``/``std``
             are those of the transformed images.
         where: config key prefixing errors (e.g. ``data.tasks[1]``); None prefixes ``task '<name>':``.
+        val_default: ``val_fraction`` is a default (``data.val_fraction``), not the task's own: when it
+            leaves no val image or no training image, the task gets no val split and a
+            :class:`virtnet.errors.DataWarning` instead of a ConfigError.
 
     Returns:
         The task, with per-channel ``mean``/``std`` of its final training images.
@@ -372,13 +377,22 @@ def make_task(
         or not 0 <= val_fraction < 1
     ):
         raise ConfigError(f"{key('val_fraction')}: expected a number in [0, 1), got {val_fraction!r}")
-    if val_fraction > 0:
-        n_val = int(math.floor(val_fraction * len(tr_idx) + 0.5))
-        if n_val < 1 or n_val >= len(tr_idx):
-            raise ConfigError(
-                f"{key('val_fraction')}: {val_fraction} of {len(tr_idx)} training images leaves "
-                f"{n_val} for val and {len(tr_idx) - n_val} for train; both must be >= 1"
-            )
+    n_val = int(math.floor(val_fraction * len(tr_idx) + 0.5)) if val_fraction > 0 else 0
+    if val_fraction > 0 and (n_val < 1 or n_val >= len(tr_idx)):
+        leaves = (
+            f"{val_fraction} of {len(tr_idx)} training images leaves {n_val} for val and "
+            f"{len(tr_idx) - n_val} for train"
+        )
+        if not val_default:
+            raise ConfigError(f"{key('val_fraction')}: {leaves}; both must be >= 1")
+        warnings.warn(
+            f"{key('val_fraction')}: the default data.val_fraction {leaves}: task '{name}' gets no "
+            "validation split (choices made on val will refuse it); set the task's val_fraction to decide",
+            DataWarning,
+            stacklevel=2,
+        )
+        n_val = 0
+    if n_val > 0:
         v, rest = stratified_take(base.train.labels[tr_idx], n_val, make_generator(seed, skey, "val"))
         val_idx, tr_idx = tr_idx[v], tr_idx[rest]
 

@@ -114,15 +114,17 @@ class Runtime:
         accuracy: Mapping[tuple[str, int], float] | str | None = "val",
         data_root: str | None = None,
         threads: int | None = None,
+        allow_test: bool = False,
     ) -> Runtime:
         """A runtime over a checkpoint, loaded once. ``accuracy``: a mapping, ``"val"`` / ``"test"`` to
-        evaluate the run's split (the validation split falls back to test when a task has none), or None."""
+        evaluate the run's split, or None (see :func:`level_accuracy` for a task without a validation
+        split and ``allow_test``)."""
         from virtnet import api
 
         loaded = api.load(path)
         acc = accuracy
         if isinstance(accuracy, str):
-            acc, _ = level_accuracy(loaded, accuracy, data_root)
+            acc, _ = level_accuracy(loaded, accuracy, data_root, allow_test=allow_test)
         return cls(loaded.method, loaded.model, acc, threads)  # type: ignore[arg-type]
 
     # ---- what is held -------------------------------------------------------------------------------
@@ -306,15 +308,18 @@ class Runtime:
 
 
 def level_accuracy(
-    loaded: Any, split: str = "val", data_root: str | None = None
+    loaded: Any, split: str = "val", data_root: str | None = None, allow_test: bool = False
 ) -> tuple[dict[tuple[str, int], float], str]:
-    """Accuracy of every (task, level) of a loaded model on ``split``, and the split used (``val`` falls
-    back to ``test`` for a run whose tasks have no validation split)."""
+    """Accuracy of every (task, level) of a loaded model on ``split``, and the split used.
+
+    ``val`` needs a validation split in every task: a task without one is a one-line ConfigError naming
+    it (:meth:`virtnet.data.core.TaskSet.choice_split`), unless ``allow_test``, which falls back to
+    ``test`` (the split returned says so). ``test`` is the test split, asked for explicitly."""
     from virtnet.train.evaluate import evaluate
 
     taskset = loaded.taskset(data_root)
-    if split == "val" and not all(taskset[s.name].val is not None for s in loaded.specs):
-        split = "test"
+    if split == "val":
+        split = taskset.choice_split([s.name for s in loaded.specs], allow_test, "plan levels")
     rows = evaluate(loaded.method, loaded.model, taskset, split=split)
     return {(r["task"], int(r["level"])): float(r["accuracy"]) for r in rows}, split
 
