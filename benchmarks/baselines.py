@@ -39,7 +39,8 @@ def main() -> None:
         {"name": "mnist", "dataset": "mnist", "train_size": args.train_size},
         {"name": "fashion_mnist", "dataset": "fashion_mnist", "train_size": args.train_size},
     ]
-    data = {"root": args.data_root, "sampling": "all", "tasks": tasks}
+    # train on every training image (no default val split)
+    data = {"root": args.data_root, "sampling": "all", "val_fraction": 0, "tasks": tasks}
     taskset = build_taskset(DataConfig.model_validate(data), args.seed)
     work = Path(args.work_dir or "runs/bench/baselines")
     rows = []

@@ -76,6 +76,7 @@ def data_section(root: str | None, n: int | None, n_test: int | None) -> dict[st
     return {
         "root": root,
         "sampling": "all",
+        "val_fraction": 0,  # train on every training image (no default val split)
         "tasks": [
             {"name": name, "dataset": ds, "train_size": n, "test_size": n_test, "attributes": attrs}
             for name, (ds, attrs) in DOMAINS.items()

@@ -54,6 +54,7 @@ def run_config(args, threads: int, steps: int) -> RunConfig:
     data = {
         "root": args.data_root,
         "sampling": "all",
+        "val_fraction": 0,  # train on every training image (no default val split)
         "tasks": [
             {"name": "mnist", "dataset": "mnist", "test_size": 512},
             {"name": "fashion_mnist", "dataset": "fashion_mnist", "test_size": 512},

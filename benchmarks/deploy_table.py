@@ -65,6 +65,7 @@ def build_run(
 ):
     """A model of ``method`` on ``tasks`` synthetic tasks, ``steps`` steps per phase (random-like weights)."""
     data = {
+        "val_fraction": 0,  # train on every training image (no default val split)
         "tasks": [
             {
                 "name": f"t{i + 1}",
@@ -79,7 +80,7 @@ def build_run(
                 },
             }
             for i in range(tasks)
-        ]
+        ],
     }
     cfg = {
         "seed": seed,

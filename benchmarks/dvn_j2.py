@@ -33,6 +33,7 @@ def main() -> None:
     data = {
         "root": args.data_root,
         "sampling": "all",
+        "val_fraction": 0,  # train on every training image (no default val split)
         "tasks": [
             {"name": "mnist", "dataset": "mnist", "train_size": n},
             {"name": "fashion_mnist", "dataset": "fashion_mnist", "train_size": n},

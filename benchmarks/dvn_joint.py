@@ -46,6 +46,7 @@ def data_section(scenario: str, root: str | None, n: int | None) -> dict:
         return {
             "root": root,
             "sampling": "all",
+            "val_fraction": 0,  # train on every training image (no default val split)
             "tasks": [
                 {"name": "mnist", "dataset": "mnist", "train_size": n},
                 {"name": "fashion_mnist", "dataset": "fashion_mnist", "train_size": n},
@@ -54,6 +55,7 @@ def data_section(scenario: str, root: str | None, n: int | None) -> dict:
     return {
         "root": root,
         "sampling": "all",
+        "val_fraction": 0,  # train on every training image (no default val split)
         "scenario": {"kind": "coarse_fine", "dataset": "fashion_mnist", "train_size": n},
     }
 

@@ -35,6 +35,7 @@ def main() -> None:
     data = {
         "root": args.data_root,
         "sampling": "all",
+        "val_fraction": 0,  # train on every training image (no default val split)
         "scenario": {
             "kind": "split_classes",
             "dataset": args.dataset,

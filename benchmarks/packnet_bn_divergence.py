@@ -144,6 +144,7 @@ def run(args: Any, backbone: str, task_bn: bool, taskset: TaskSet) -> dict[str, 
         ),
         "data": {
             "root": args.data_root,
+            "val_fraction": 0,  # train on every training image (no default val split)
             "tasks": [{"name": t, "dataset": t, "train_size": args.train_size} for t in TASKS],
         },
         "model": {**BACKBONES[backbone], "feature_size": 14},
@@ -203,6 +204,7 @@ def main() -> None:
     data = DataConfig.model_validate(
         {
             "root": args.data_root,
+            "val_fraction": 0,  # train on every training image (no default val split)
             "tasks": [{"name": t, "dataset": t, "train_size": args.train_size} for t in TASKS],
         }
     )

@@ -117,7 +117,11 @@ def run_config(
         {
             "seed": args.seed,
             "output_dir": str(out),
-            "data": {"root": args.data_root, "tasks": [task_config(t, args.train_size) for t in tasks]},
+            "data": {
+                "root": args.data_root,
+                "val_fraction": 0,  # train on every training image (no default val split)
+                "tasks": [task_config(t, args.train_size) for t in tasks],
+            },
             "model": {**BACKBONES[backbone], "feature_size": args.feature_size},
             "method": {"name": method.split("_task")[0], **method_options(method, args, len(tasks), order)},
             "train": {
@@ -264,7 +268,11 @@ def main() -> None:
     methods = args.methods.split(",")
     all_tasks = list(dict.fromkeys(t for o in orders.values() for t in o))
     data = DataConfig.model_validate(
-        {"root": args.data_root, "tasks": [task_config(t, args.train_size) for t in all_tasks]}
+        {
+            "root": args.data_root,
+            "val_fraction": 0,  # train on every training image (no default val split)
+            "tasks": [task_config(t, args.train_size) for t in all_tasks],
+        }
     )
     full = build_taskset(data, args.seed)
     work = Path(args.work_dir or "runs/bench/packnet_sequence")
