@@ -27,6 +27,7 @@ def main() -> None:
     data = {
         "root": args.data_root,
         "sampling": "all",
+        "val_fraction": 0,  # nothing is chosen from data here: every method trains on the whole train set
         "tasks": [{"name": "kmnist10k", "dataset": "kmnist10k"}],
     }
     run_scenario("den_c1", "C1", data, args, {"tasks": "KMNIST-10k (single task)"})

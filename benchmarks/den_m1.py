@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,6 +31,7 @@ import torch  # noqa: E402
 from _common import RESULTS, claim, parser, run_method, write_results  # noqa: E402
 
 from virtnet.methods.den.report import (  # noqa: E402
+    calibrated,
     evaluate_den,
     full_chooser,
     plot_accuracy_flops,
@@ -136,12 +138,24 @@ def run_scenario(name: str, scenario: str, data: dict[str, Any], args: Any, extr
             evaluate_den(run.model, run.taskset, split="test"),
             (Path(args.out) if args.out else RESULTS / name).with_name(f"{name}_fig6_rho{rho:g}.png"),
         )
+    # the baselines on the same estimator, each on a copy whose batch norms are calibrated for its own
+    # structures (as training calibrates the selector's): no row runs on statistics made for others
     first = den_runs[rhos[0]]
-    rows += den_rows(first, "den-full-estimator", scenario, full_chooser(first.model))
+    full = SimpleNamespace(
+        model=calibrated(first.model, first.taskset, full_chooser(first.model), seed=args.seed),
+        taskset=first.taskset,
+    )
+    rows += den_rows(full, "den-full-estimator", scenario, full_chooser(full.model))
     for rho, run in den_runs.items():
         target = {r["task"]: r["flops"] for r in rows if r["method"] == f"den-rho{rho:g}"}
+        rs_model = calibrated(
+            run.model, run.taskset, random_chooser(run.model, target, args.seed + 1), seed=args.seed
+        )
         rows += den_rows(
-            run, f"den-rand-sel-rho{rho:g}", scenario, random_chooser(run.model, target, args.seed)
+            SimpleNamespace(model=rs_model, taskset=run.taskset),
+            f"den-rand-sel-rho{rho:g}",
+            scenario,
+            random_chooser(rs_model, target, args.seed),
         )
     base_train = {**train, "epochs": args.epochs * args.stages, "schedule": "cosine"}
     for m in [b for b in args.baselines.split(",") if b]:
@@ -255,6 +269,7 @@ def main() -> None:
     data = {
         "root": args.data_root,
         "sampling": "all",
+        "val_fraction": 0,  # nothing is chosen from data here: every method trains on the whole train set
         "tasks": [
             {"name": "digits", "dataset": "digits"},
             {

@@ -25,6 +25,7 @@ def main() -> None:
     data = {
         "root": args.data_root,
         "sampling": "all",
+        "val_fraction": 0,  # nothing is chosen from data here: every method trains on the whole train set
         "scenario": {"kind": "coarse_fine", "dataset": "fashion_mnist", "train_size": args.train_size},
     }
     run_scenario("den_m3", "M3", data, args, {"tasks": "Fashion-MNIST coarse (4) and fine (10) labels"})

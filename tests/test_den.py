@@ -227,6 +227,35 @@ def test_every_task_goes_through_the_shared_norms_in_one_forward(part):
     )
 
 
+def test_calibration_averages_the_structures_statistics_and_keeps_unused_private_norms():
+    """start / forward / end calibration: the first shared norm's running mean is the mean of its two
+    batches' means (cumulative average), its variance their unbiased variances' mean; a private norm of a
+    level no calibration structure used keeps its statistics from before; momenta come back."""
+    _, model = build()
+    moved_bn(model)
+    spec = SPECS[0]
+    blk = model.blocks()[0]
+    before_private = {k: v.clone() for k, v in blk.bn2.norm(1).state_dict().items()}
+    seen = []
+    hook = blk.bn1.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    saved = model.start_calibration()
+    full = torch.full((6, model.num_blocks), model.num_levels - 1)
+    for seed in (3, 4):
+        model.calibration_forward({spec.name: inputs(spec, n=6, seed=seed)}, {spec.name: full})
+    kept = model.end_calibration(saved)
+    hook.remove()
+    assert len(seen) == 2 and not model.training
+    means = torch.stack([t.double().mean(dim=(0, 2, 3)) for t in seen])
+    variances = torch.stack([t.double().transpose(0, 1).flatten(1).var(1) for t in seen])
+    torch.testing.assert_close(blk.bn1.running_mean.double(), means.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(blk.bn1.running_var.double(), variances.mean(0), rtol=1e-5, atol=1e-6)
+    assert blk.bn1.momentum == 0.1
+    name = next(n for n, m in model.estimator_norms().items() if m is blk.bn2.norm(1))
+    assert name in kept
+    for k, v in blk.bn2.norm(1).state_dict().items():
+        assert torch.equal(v, before_private[k]), k
+
+
 # ---- budgets --------------------------------------------------------------------------------------------
 def test_budgeted_choice_is_the_most_probable_within_the_bound_and_never_exceeds_it():
     _, model = build()
@@ -352,8 +381,8 @@ def test_stages_alternate_and_each_moves_only_its_part(tmp_path):
     }
     run = api.train(cfg, log=lambda s: None)
     names = [p["name"] for p in run.summary["phases"]]
-    assert names == ["estimator-1", "selector-1", "estimator-2", "selector-2"]
-    ck = {k: api.load(tmp_path / "checkpoints" / f"phase-{k}.json").model.state_dict() for k in range(4)}
+    assert names == ["estimator-1", "selector-1", "estimator-2", "selector-2", "calibrate"]
+    ck = {k: api.load(tmp_path / "checkpoints" / f"phase-{k}.json").model.state_dict() for k in range(5)}
     start = api.load(tmp_path / "checkpoints" / "start.json").model.state_dict()
     prev = start
     for k in range(4):
@@ -365,6 +394,12 @@ def test_stages_alternate_and_each_moves_only_its_part(tmp_path):
         assert moved, k
         assert not fixed, (k, fixed[:3])  # weights and running statistics of the other part
         prev = cur
+    # the calibration phase: not one parameter moves, only the estimator's batch-norm statistics
+    model = api.load(tmp_path / "checkpoints" / "phase-4.json").model
+    params = {n for n, _ in model.named_parameters()}
+    changed = [n for n in ck[4] if not torch.equal(ck[4][n], ck[3][n])]
+    assert changed and not [n for n in changed if n in params or n.startswith("selector.")], changed[:3]
+    assert all(n.split(".")[-1] in ("running_mean", "running_var", "num_batches_tracked") for n in changed)
 
 
 def test_the_selector_stage_decays_and_converges(tmp_path):
@@ -374,8 +409,12 @@ def test_the_selector_stage_decays_and_converges(tmp_path):
         {"phase": "selector-2", "train": {"loss/a/reward": 0.9}},
     ]
     done = method.phases(["a"])[:4]
-    assert method.next_phase(["a"], done, hist) is None  # improved by 10 % < 50 %: converged
+    after = method.next_phase(["a"], done, hist)  # improved by 10 % < 50 %: converged, then calibration
+    assert after.name == "calibrate" and after.info["forward_only"] and after.index == 4
+    assert method.next_phase(["a"], [*done, after], hist) is None
     assert method.next_phase(["a"], done, hist[:1]).name == "estimator-3"
+    plain = make_method("den", {"stages": 3, "converge_tol": 0.5, "calibration_epochs": 0})
+    assert plain.next_phase(["a"], done, hist) is None
     specs = method.optimizers(build()[1], done[2])
     assert specs[0].kind == "sgd" and specs[0].options["nesterov"]
     assert specs[0].param_groups[0]["lr_scale"] == pytest.approx(0.1)

@@ -62,9 +62,13 @@ class Phase:
         tasks: the tasks whose data this phase trains on (one batch of each per step, or one task per
             step depending on the loader's sampling).
         index: position of the phase in the method's list.
-        info: method-specific data (e.g. the tasks learned before this phase). The loop reads three
+        info: method-specific data (e.g. the tasks learned before this phase). The loop reads these
             keys: ``epochs``, ``lr`` and ``schedule`` override the ``train:`` section's for this phase
-            (e.g. a warm-up, or a re-training phase at a small constant rate: ``schedule: "constant"``).
+            (e.g. a warm-up, or a re-training phase at a small constant rate: ``schedule: "constant"``);
+            ``forward_only: True`` makes a *statistics phase*: the loop builds no optimizer, runs the
+            step module without autograd and never calls ``backward`` (every parameter stays exactly as it
+            was; what the steps change is buffers, e.g. batch-norm statistics re-estimated for the
+            structures inference runs), and with several processes averages the buffers at its end.
     """
 
     name: str

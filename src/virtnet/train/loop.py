@@ -371,13 +371,15 @@ class Trainer:
         if cfg.max_steps_per_epoch is not None:
             steps = min(steps, cfg.max_steps_per_epoch)
         epochs = int(phase.info.get("epochs", cfg.epochs))  # a phase may override the epochs and lr
-        self._opts = build_optimizers(self.method, model, phase, cfg)
+        forward_only = bool(phase.info.get("forward_only", False))  # a statistics phase: no optimizer
+        self._opts = {} if forward_only else build_optimizers(self.method, model, phase, cfg)
         if ckpt is not None and ckpt.meta.get("optimizer_phase") == phase.index and "optimizer" in ckpt.meta:
             restore_optimizers(self._opts, ckpt.optim_tensors, ckpt.meta["optimizer"])
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._frozen = freeze_unheld(model, self._opts)
         self._unused = find_unused(self.method, phase, self.sampling)
-        self._net = wrap(self.step_module, rt, self._unused)
+        # no gradient to synchronise in a statistics phase: its buffers are averaged at its end
+        self._net = self.step_module if forward_only else wrap(self.step_module, rt, self._unused)
         self._warned = False  # nonfinite_loss: warn logs the first non-finite loss of a phase
         try:
             for epoch in range(self.state.epoch, epochs):
@@ -385,6 +387,8 @@ class Trainer:
         finally:
             unfreeze(self._frozen)
             self._net = self.step_module
+        if forward_only:
+            rt.average_buffers(model)
         self.method.on_phase_end(model, phase)
         self.state = LoopState(phase.index + 1, 0, 0, self.state.global_step)
         if self.out_dir is not None:
@@ -469,6 +473,15 @@ class Trainer:
         self, phase: Phase, batches: dict[str, Any], epoch: int, step: int, steps: int, epochs: int
     ) -> dict[str, torch.Tensor]:
         """One step: forward through the step module, backward, every optimizer, then the hooks."""
+        if not self._opts:  # a statistics phase (``forward_only``): no autograd, no backward, no step
+            with torch.no_grad():
+                out = self._net(batches, phase)
+            self.method.after_step(self.model, phase)
+            ctx = TrainContext(
+                phase, epoch, step, self.state.global_step + 1, {}, self.runtime.rank, self.runtime.world_size
+            )
+            self.method.on_step_end(self.model, phase, ctx)
+            return out
         for po in self._opts.values():
             set_lr(po.opt, po.base_lr, lr_factor(po.sched, epoch * steps + step, steps * epochs, steps))
         out = self._net(batches, phase)
@@ -504,14 +517,14 @@ class Trainer:
     def _log_train(
         self, phase: Phase, epoch: int, step: int, running: dict[str, torch.Tensor], count: int
     ) -> dict[str, Any]:
-        first = next(iter(self._opts.values())).opt
+        first = next(iter(self._opts.values())).opt if self._opts else None
         rec = {
             "event": "train",
             "phase": phase.name,
             "epoch": epoch,
             "step": step + 1,
             "global_step": self.state.global_step,
-            "lr": first.param_groups[0]["lr"],
+            "lr": None if first is None else first.param_groups[0]["lr"],
         }
         rec.update(self.runtime.mean({k: float(v) / count for k, v in running.items()}))
         self._write_metrics(rec)

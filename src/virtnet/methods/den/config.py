@@ -28,6 +28,7 @@ class DENConfig(MethodConfig):
     baseline: Literal["self_critical", "none"] = "self_critical"  # REINFORCE reward baseline
     epsilon: float = Field(default=0.2, ge=0, le=1)  # epsilon-greedy at the start of a selector stage
     epsilon_epochs: float = Field(default=1.0, ge=0)  # epochs over which epsilon decays to 0
+    calibration_epochs: int = Field(default=1, ge=0, le=10)  # a final statistics phase (0: none)
     converge_tol: float | None = Field(default=None, ge=0)  # end early when the reward stops improving
     selector_width: int = Field(default=16, ge=1, le=1024)  # selector's first layer width
     selector_depth: int = Field(default=3, ge=1, le=8)  # selector's stride-2 conv layers

@@ -101,6 +101,10 @@ class DEN(Method):
     Model = ElasticNet
     config: DENConfig
 
+    def __init__(self, config: DENConfig | None = None) -> None:
+        super().__init__(config)
+        self._calibration: dict[str, Any] = {}  # what the calibration phase restores at its end
+
     # ---- building ----------------------------------------------------------------------------------
     def build(self, specs: list[TaskSpec], backbone: Any) -> nn.Module:
         c = self.config
@@ -129,20 +133,30 @@ class DEN(Method):
             info["schedule"] = self.config.stage_schedule
         return Phase(f"{part}-{stage}", list(tasks), k, info)
 
+    def _calibration_phase(self, tasks: list[str], k: int) -> Phase:
+        info = {"part": "calibrate", "forward_only": True, "epochs": self.config.calibration_epochs}
+        return Phase("calibrate", list(tasks), k, info)
+
     def phases(self, tasks: list[str]) -> list[Phase]:
-        return [self._phase(tasks, k) for k in range(2 * self.config.stages)]
+        out = [self._phase(tasks, k) for k in range(2 * self.config.stages)]
+        if self.config.calibration_epochs > 0:
+            out.append(self._calibration_phase(tasks, len(out)))
+        return out
 
     def next_phase(self, tasks: list[str], done: list[Phase], history: list[dict[str, Any]]) -> Phase | None:
-        """The next stage part; with ``converge_tol``, training ends after a selector stage whose mean
-        reward improved on the previous selector stage's by less than that (relative)."""
+        """The next stage part; with ``converge_tol``, the stages end after a selector stage whose mean
+        reward improved on the previous selector stage's by less than that (relative). Then, with
+        ``calibration_epochs > 0``, the calibration phase (once)."""
         k = len(done)
-        if k >= 2 * self.config.stages:
+        if done and done[-1].info.get("part") == "calibrate":
             return None
+        end = k >= 2 * self.config.stages
         tol = self.config.converge_tol
-        if tol is not None and k >= 4 and k % 2 == 0:
+        if not end and tol is not None and k >= 4 and k % 2 == 0:
             r = [self._stage_reward(history, f"selector-{s}") for s in (k // 2 - 1, k // 2)]
-            if r[0] is not None and r[1] is not None and r[0] - r[1] < tol * abs(r[0]):
-                return None
+            end = r[0] is not None and r[1] is not None and r[0] - r[1] < tol * abs(r[0])
+        if end:
+            return self._calibration_phase(tasks, k) if self.config.calibration_epochs > 0 else None
         return self._phase(tasks, k)
 
     @staticmethod
@@ -182,6 +196,15 @@ class DEN(Method):
 
     def on_phase_start(self, model: nn.Module, phase: Phase) -> None:
         model.den_progress.fill_(0.0)  # type: ignore[union-attr, operator]
+        if phase.info.get("part") == "calibrate":
+            assert isinstance(model, ElasticNet)
+            self._calibration = model.start_calibration()
+
+    def on_phase_end(self, model: nn.Module, phase: Phase) -> None:
+        if phase.info.get("part") == "calibrate":
+            assert isinstance(model, ElasticNet)
+            model.end_calibration(self._calibration)
+            self._calibration = {}
 
     def on_step_end(self, model: nn.Module, phase: Phase, ctx: TrainContext) -> None:
         model.den_progress.fill_(float(ctx.epoch))  # type: ignore[union-attr, operator]
@@ -201,7 +224,38 @@ class DEN(Method):
         assert isinstance(model, ElasticNet)
         if phase.info["part"] == "estimator":
             return self._estimator_step(model, batches, int(phase.info["stage"]))
+        if phase.info["part"] == "calibrate":
+            return self._calibration_step(model, batches)
         return self._selector_step(model, batches)
+
+    def _calibration_step(self, model: ElasticNet, batches: dict[str, Batch]) -> dict[str, torch.Tensor]:
+        """A statistics step (no gradient): the estimator's batch norms accumulate the statistics of the
+        structures inference chooses, each instance at a budget level drawn uniformly (the selector's most
+        probable structure within that level's bound)."""
+        tasks = list(batches)
+        with torch.no_grad():
+            model.eval()
+            logits = model.selector_logits_tasks({t: batches[t].x for t in tasks})
+            z = {}
+            for t in tasks:
+                logp = log_probs(logits[t])
+                levels = model.levels(t)
+                pick = torch.randint(0, len(levels), (logp.shape[0],), device=logp.device)
+                zt = torch.empty(logp.shape[:2], dtype=torch.long, device=logp.device)
+                for i, lv in enumerate(levels):
+                    rows = (pick == i).nonzero().squeeze(1)
+                    if rows.numel():
+                        zt[rows] = model.plan(t, model.level_bound(t, lv))(logp[rows])
+                z[t] = zt
+        out_logits = model.calibration_forward({t: batches[t].x for t in tasks}, z)
+        out: dict[str, torch.Tensor] = {}
+        total = torch.zeros(())
+        for t in tasks:
+            loss = task_loss(out_logits[t], batches[t])
+            out[f"loss/{t}"] = loss
+            total = total + loss
+        out["loss"] = total
+        return out
 
     def _estimator_step(
         self, model: ElasticNet, batches: dict[str, Batch], stage: int

@@ -394,6 +394,64 @@ class ElasticNet(MultiTaskNet):
     def estimator_modules(self) -> list[nn.Module]:
         return [self.trunk, self.stems, self.heads]
 
+    # ---- batch-norm calibration -------------------------------------------------------------------
+    def estimator_norms(self) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+        """The estimator's batch norms (stems, trunk, heads) by name."""
+        return {
+            n: m
+            for n, m in self.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not n.startswith("selector.")
+        }
+
+    def start_calibration(self) -> dict[str, Any]:
+        """Begin re-estimating the estimator's batch-norm statistics: every norm's running statistics are
+        reset and averaged over the batches that follow (``momentum=None``: the cumulative mean). Returns
+        what :meth:`end_calibration` restores: the momenta and the statistics before."""
+        saved: dict[str, Any] = {}
+        for n, bn in self.estimator_norms().items():
+            saved[n] = (
+                bn.momentum,
+                {
+                    k: v.clone()
+                    for k, v in bn.state_dict().items()
+                    if k.startswith("running_") or k == "num_batches_tracked"
+                },
+            )
+            bn.reset_running_stats()
+            bn.momentum = None
+        return saved
+
+    def calibration_forward(
+        self, xs: dict[str, torch.Tensor], z: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """One calibration batch: the estimator's norms in training mode (batch statistics, running
+        averages updated), every other layer in eval mode (no dropout), the masked path on structures
+        ``z``; no gradient. Returns the logits per task."""
+        for m in self.estimator_modules():
+            m.eval()
+        for bn in self.estimator_norms().values():
+            bn.train()
+        self.selector.eval()
+        with torch.no_grad():
+            out = self.forward_tasks(xs, z, masked=True)
+        self.eval()
+        return out
+
+    def end_calibration(self, saved: dict[str, Any]) -> list[str]:
+        """End a calibration: momenta restored; a norm that saw no batch (a private norm of a level no
+        calibration structure used) gets its statistics from before back. Returns those norms' names."""
+        kept = []
+        for n, bn in self.estimator_norms().items():
+            momentum, before = saved[n]
+            bn.momentum = momentum
+            tracked = bn.num_batches_tracked
+            if tracked is not None and int(tracked) == 0:
+                with torch.no_grad():
+                    for k, v in before.items():
+                        getattr(bn, k).copy_(v)
+                kept.append(n)
+        return kept
+
     def deployable(self, task: str, level: int | None = None) -> DENTaskNet:
         """A standalone copy of :meth:`task_network` (shares no tensor), in eval mode."""
         net = copy.deepcopy(self.task_network(task, level))

@@ -7,6 +7,7 @@ Every number is on the whole split, running statistics only, one batch at a time
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from pathlib import Path
@@ -102,6 +103,39 @@ def evaluate_den(
             }
         )
     return rows
+
+
+@torch.no_grad()
+def calibrated(
+    model: ElasticNet,
+    taskset: TaskSet,
+    chooser: Any,
+    split: str = "train",
+    batch_size: int = 128,
+    seed: int = 0,
+) -> ElasticNet:
+    """A copy of ``model`` whose estimator batch norms are re-estimated for the structures
+    ``chooser(x, task) -> (B, n)`` picks (:meth:`ElasticNet.start_calibration` ... ``end_calibration``),
+    over one pass of ``split`` (not augmented; a seeded shuffle; each step one batch of every task, the
+    smaller tasks cycled): what the training's calibration phase does for the selector, for another
+    structure distribution (the full estimator, rand sel), so that no evaluation runs on statistics made
+    for other structures."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    xs: dict[str, torch.Tensor] = {}
+    for t in taskset.names:
+        x = torch.cat([b.x for b in eval_batches(taskset, t, split=split, batch_size=1024)])
+        xs[t] = x[torch.randperm(x.shape[0], generator=g)]
+    steps = max(math.ceil(x.shape[0] / batch_size) for x in xs.values())
+    saved = out.start_calibration()
+    for i in range(steps):
+        batch = {}
+        for t, x in xs.items():
+            k = (i * batch_size) % x.shape[0]
+            batch[t] = x[k : k + batch_size]
+        out.calibration_forward(batch, {t: chooser(x, t) for t, x in batch.items()})
+    out.end_calibration(saved)
+    return out.eval()
 
 
 def full_chooser(model: ElasticNet) -> Any:
