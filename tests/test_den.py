@@ -29,6 +29,7 @@ from virtnet.methods.den import (
     structure_log_prob,
     top_k,
 )
+from virtnet.methods.den.blocks import ElasticBlock, LevelNorm
 from virtnet.methods.den.report import evaluate_den, level_distribution, random_chooser
 from virtnet.nn import Route
 
@@ -144,6 +145,8 @@ def test_structure_costs_are_the_exported_networks(name):
         for _ in range(4):
             z = torch.randint(0, model.num_levels, (model.num_blocks,), generator=g)
             net = method.export_structure(model, spec.name, z)
+            # a plain network: the backbone's own layers, no elastic block nor private-norm container
+            assert not [m for m in net.modules() if isinstance(m, (ElasticBlock, LevelNorm))]
             assert count_flops(net, spec.input_shape) == model.structure_cost(spec.name, z)
             assert sum(p.numel() for p in net.parameters()) == model.structure_cost(spec.name, z, "params")
             used = sum(int(m.sum()) for m in model.structure_usage(spec.name, z.tolist()).values())

@@ -559,16 +559,19 @@ class ElasticPair(ElasticBlock):
 
     @torch.no_grad()
     def level_module(self, level: int) -> nn.Module:
+        # the backbone's own layers at the level's inner width: conv-BN-ReLU, the max-pools between, and
+        # conv-BN-ReLU (the level's private norm), what a plain VGG / SimpleConvNet of that width runs
+        from virtnet.backbones.vgg import ConvBNReLU
+
         c = self.widths[level]
-        new = copy.copy(self)
-        nn.Module.__init__(new)
-        ElasticBlock.__init__(new, (c,), self.slot, self.index)
-        new.conv_a = _sliced_conv(self.conv_a, out_c=c)
-        new.bn_a = sliced_batch_norm(self.bn_a, torch.arange(c))  # type: ignore[arg-type]
-        new.between = copy.deepcopy(self.between)
-        new.conv_b = _sliced_conv(self.conv_b, in_c=c)
-        new.bn_b = LevelNorm(sliced_batch_norm(self.bn_b.norm(level), None), [0])  # type: ignore[arg-type]
-        return new.train(self.training)
+        first = ConvBNReLU(self.conv_a.in_channels, c)
+        first[0] = _sliced_conv(self.conv_a, out_c=c)
+        first[1] = sliced_batch_norm(self.bn_a, torch.arange(c))
+        second = ConvBNReLU(c, self.conv_b.out_channels)
+        second[0] = _sliced_conv(self.conv_b, in_c=c)
+        second[1] = sliced_batch_norm(self.bn_b.norm(level), None)
+        between = [copy.deepcopy(m) for m in self.between]
+        return RouteSequential(first, *between, second).train(self.training)
 
 
 def elasticize(trunk: nn.Module, fractions: list[float] | None, levels: int) -> list[ElasticBlock]:
