@@ -264,10 +264,15 @@ class ElasticBlock(nn.Module, RoutedLayer):
                 out = out.index_copy(0, idx, y)
             assert out is not None
             return out
-        # eager: the rows are written in place into one output; an identity block's level-0 rows are
-        # the input itself (copied once with the output, never gathered nor run)
+        # eager: every row is written once, in place, into one output; an identity block's level-0 rows
+        # are the input's rows (copied straight into the output, never gathered nor run)
         if 0 in present and self.is_input_at(0):
-            out = x.clone()
+            idx = (levels == 0).nonzero().squeeze(1)
+            if 2 * idx.numel() >= x.shape[0]:  # most rows skip: one copy of the whole input is cheaper
+                out = x.clone()
+            else:  # the skipped rows only (gathered and written: two passes over them)
+                out = torch.empty_like(x)
+                out.index_copy_(0, idx, x.index_select(0, idx))
             present = [lv for lv in present if lv != 0]
         for lv in present:
             idx = (levels == lv).nonzero().squeeze(1)
