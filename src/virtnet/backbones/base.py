@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -228,10 +228,22 @@ class MultiTaskNet(nn.Module, MultiTaskModel):
         else:
             self.stems = nn.ModuleDict({t.name: trunk.make_stem(t.in_channels, t.input_size) for t in tasks})
         self.heads = nn.ModuleDict({t.name: Linear(trunk.feature_channels, t.num_outputs) for t in tasks})
+        #: routes name their task (``Route(task, key=task)``): set when layers keyed by task were installed
+        #: (per-task batch norm, :func:`virtnet.nn.make_switchable` with the task names as keys)
+        self.task_keyed = False
 
     @property
     def tasks(self) -> list[str]:
         return list(self.specs)
+
+    def route(self, task: str, level: int | None = None) -> Route | None:
+        """None (one plain network per task), or ``Route(task, key=task)`` when :attr:`task_keyed`."""
+        self.spec(task)
+        return Route(task, key=task) if self.task_keyed else None
+
+    def structure(self) -> dict[str, Any]:
+        """``{"task_keyed": True}`` when layers keyed by task were installed, else nothing."""
+        return {"task_keyed": True} if self.task_keyed else {}
 
     def spec(self, task: str) -> TaskSpec:
         if task not in self.specs:
@@ -247,7 +259,10 @@ class MultiTaskNet(nn.Module, MultiTaskModel):
         return self.stems["shared" if self.shared_stem else task]
 
     def features(self, x: torch.Tensor, task: str, route: Route | None = None) -> torch.Tensor:
-        """Pooled trunk features ``(B, feature_channels)`` of task ``task``'s inputs ``x``."""
+        """Pooled trunk features ``(B, feature_channels)`` of task ``task``'s inputs ``x`` (route None: the
+        task's own, :meth:`route`)."""
+        if route is None and self.task_keyed:
+            route = Route(task, key=task)
         return self.trunk(call(self.stem(task), x, route), route)
 
     def forward(self, x: torch.Tensor, task: str, route: Route | None = None) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Distillation shared by the methods that keep old tasks' responses (LwF, sequential DVN): Hinton's
-temperature-scaled loss, input conversion between tasks of different shapes, the frozen teacher copy."""
+temperature-scaled loss, input conversion between tasks of different shapes, the frozen teacher copy, and
+batch norm keyed by task (each task's running statistics kept apart from the newer tasks' data)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from virtnet.backbones.base import TaskSpec
+from virtnet.backbones.base import MultiTaskNet, TaskSpec
+from virtnet.nn import SwitchableBatchNorm, make_switchable
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
@@ -43,6 +45,41 @@ def set_bn_eval(module: nn.Module) -> None:
             m.eval()
 
 
+def task_norms(module: nn.Module, key: str) -> list[nn.Module]:
+    """The private batch norms of configuration ``key`` in every switchable batch norm under ``module``."""
+    return [m.norm(key) for m in module.modules() if isinstance(m, SwitchableBatchNorm)]
+
+
+def set_task_bn_eval(module: nn.Module, keys: list[str]) -> None:
+    """Freeze the running statistics of configurations ``keys``: their private batch norms normalise with
+    the statistics they recorded (eval mode), as the frozen teacher does."""
+    for k in keys:
+        for bn in task_norms(module, k):
+            bn.eval()
+
+
+@torch.no_grad()
+def copy_task_bn(module: nn.Module, src: str, dst: str) -> None:
+    """Start configuration ``dst``'s private batch norms as ``src``'s (statistics, batch count and, when
+    private, affine parameters)."""
+    for m in module.modules():
+        if isinstance(m, SwitchableBatchNorm):
+            a, b = m.norm(src), m.norm(dst)
+            b.load_state_dict(a.state_dict())
+
+
+def install_task_bn(model: MultiTaskNet, private_affine: bool) -> int:
+    """Batch norm keyed by task in the shared trunk and the shared stem of ``model``: every task keeps its
+    own running statistics (and with ``private_affine`` its own scale and shift); the model's routes then
+    name their task. Returns how many batch norms were replaced. Per-task stems are private already."""
+    keys: dict[str, tuple[int, ...] | None] = {t: None for t in model.tasks}
+    n = make_switchable(model.trunk, keys, shared_affine=not private_affine)
+    if model.shared_stem:
+        n += make_switchable(model.stems["shared"], keys, shared_affine=not private_affine)
+    model.task_keyed = True
+    return n
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` in eval mode whose parameters take no gradient (the teacher snapshot)."""
     teacher = copy.deepcopy(model).eval()
@@ -51,4 +88,13 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-__all__ = ["as_input_of", "distillation_loss", "frozen_copy", "set_bn_eval"]
+__all__ = [
+    "as_input_of",
+    "copy_task_bn",
+    "distillation_loss",
+    "frozen_copy",
+    "install_task_bn",
+    "set_bn_eval",
+    "set_task_bn_eval",
+    "task_norms",
+]

@@ -18,21 +18,36 @@ Choices where the paper leaves room (see docs/methods/lwf.md):
 * an old task whose input shape differs from the new task's sees the new images resized (bilinear) and
   with channels converted (grey repeated to 3 channels, RGB averaged to grey);
 * the stems of old tasks (task-specific input layers that only see resized new images) keep their
-  batch-norm running statistics (eval mode); the shared trunk's statistics follow the data it is trained
-  on, as in LwF.
+  batch-norm running statistics (eval mode);
+* ``task_bn``: the shared trunk's batch norms keep running statistics per task (``stats``, the default),
+  or per-task statistics and affine parameters (``private``), or one set that follows the newest task's
+  data (``shared``, LwF's networks had no batch norm). With per-task batch norm the old tasks' forwards
+  during distillation normalise with the statistics their task recorded, exactly as the frozen teacher
+  does, so the function distilled is the function evaluated; a new task's batch norms start as the
+  previous task's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from virtnet.backbones.base import TaskSpec
 from virtnet.data.core import Batch
 from virtnet.methods.base import Phase, register, task_loss
-from virtnet.methods.common.distill import as_input_of, distillation_loss, frozen_copy, set_bn_eval
+from virtnet.methods.common.distill import (
+    as_input_of,
+    copy_task_bn,
+    distillation_loss,
+    frozen_copy,
+    install_task_bn,
+    set_bn_eval,
+    set_task_bn_eval,
+    task_norms,
+)
 from virtnet.methods.common.sequential import SequentialConfig, SequentialMethod
 
 
@@ -41,6 +56,15 @@ class LwFConfig(SequentialConfig):
     distill_weight: float = Field(default=1.0, ge=0.0)  # lambda_o
     warmup_epochs: int = Field(default=0, ge=0)  # epochs training only the new head before joint training
     warmup_lr: float | None = Field(default=None, gt=0)  # lr of the warm-up (default: train.lr)
+    joint_lr: float | None = Field(default=None, gt=0)  # lr of a later joint phase (None: train.lr / 10)
+    task_bn: Literal["shared", "stats", "private"] = "stats"  # batch norm of the shared layers per task
+    old_bn: Literal["recorded", "batch"] = "recorded"  # old tasks' forwards: recorded or batch statistics
+
+
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+#: a later task's joint phase runs at train.lr times this when ``joint_lr`` is None (issue 15: at train.lr
+#: the recorded-statistics paths diverged; 1/10 was the best of 1, 0.4 and 0.1 on permuted MNIST)
+JOINT_LR_SCALE = 0.1
 
 
 @register
@@ -54,19 +78,38 @@ class LwF(SequentialMethod):
         super().__init__(config)
         self._teacher: nn.Module | None = None  # frozen copy made at the start of each later phase
 
+    def build(self, specs: list[TaskSpec], backbone: Any) -> nn.Module:
+        model = super().build(specs, backbone)
+        if self.config.task_bn != "shared":
+            install_task_bn(model, private_affine=self.config.task_bn == "private")
+        return model
+
+    def create(
+        self, specs: list[TaskSpec], backbone: Any, structure: dict[str, Any] | None = None
+    ) -> nn.Module:
+        if structure is not None and self.config.task_bn != "shared" and not structure.get("task_keyed"):
+            # a checkpoint saved before batch norm per task existed (issue 15): one set of statistics
+            self.config = self.config.model_copy(update={"task_bn": "shared"})
+        return super().create(specs, backbone, structure)
+
     def phases(self, tasks: list[str]) -> list[Phase]:
         out: list[Phase] = []
         for i, t in enumerate(tasks):
-            if i > 0 and self.config.warmup_epochs > 0:
+            warm = i > 0 and self.config.warmup_epochs > 0
+            if warm:
                 info: dict[str, Any] = {
                     "learned": tasks[:i],
                     "warmup": True,
                     "epochs": self.config.warmup_epochs,
+                    "first": True,
                 }
                 if self.config.warmup_lr is not None:
                     info["lr"] = self.config.warmup_lr
                 out.append(Phase(f"warmup-{t}", [t], len(out), info))
-            out.append(Phase(f"task-{t}", [t], len(out), {"learned": tasks[:i]}))
+            joint: dict[str, Any] = {"learned": tasks[:i], "first": not warm}
+            if i > 0 and self.config.joint_lr is not None:
+                joint["lr"] = self.config.joint_lr
+            out.append(Phase(f"task-{t}", [t], len(out), joint))
         return out
 
     def varying_parameters(self, phase: Phase) -> bool:
@@ -74,14 +117,20 @@ class LwF(SequentialMethod):
 
     def on_phase_start(self, model: nn.Module, phase: Phase) -> None:
         self._teacher = None
-        if phase.info["learned"] and not phase.info.get("warmup"):
+        learned = phase.info["learned"]
+        if learned and phase.info.get("first") and self.config.task_bn != "shared":
+            copy_task_bn(model, learned[-1], phase.tasks[0])  # the new task's batch norms start as the last's
+        if learned and not phase.info.get("warmup"):
             self._teacher = frozen_copy(model)
 
     def param_groups(self, model: nn.Module, phase: Phase) -> list[dict[str, Any]]:
         task = phase.tasks[0]
         if phase.info.get("warmup"):
             return [{"params": list(model.heads[task].parameters())}]
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        group: dict[str, Any] = {"params": [p for p in model.parameters() if p.requires_grad]}
+        if phase.info["learned"] and self.config.joint_lr is None:
+            group["lr_scale"] = JOINT_LR_SCALE  # LwF fine-tunes jointly at a lower rate
+        return [group]
 
     def training_step(
         self, model: nn.Module, batches: dict[str, Batch], phase: Phase
@@ -89,17 +138,28 @@ class LwF(SequentialMethod):
         ((task, b),) = batches.items()
         learned = phase.info["learned"]
         if learned:
-            # old tasks' statistics stay; during warm-up the whole shared network is frozen
+            # old tasks' statistics stay; during warm-up the whole shared network is frozen (with batch
+            # norm per task the new task's own statistics still follow its data: they are not shared)
             for t in learned:
                 if model.stem(t) is not model.stem(task):
                     set_bn_eval(model.stem(t))
-            if phase.info.get("warmup"):
+            if self.config.task_bn != "shared" and self.config.old_bn == "recorded":
+                set_task_bn_eval(model, learned)
+            elif self.config.task_bn == "shared" and phase.info.get("warmup"):
                 set_bn_eval(model.trunk)
                 set_bn_eval(model.stem(task))
         loss = task_loss(model(b.x, task), b)
         out = {f"loss/{task}": loss.detach()}
         if self._teacher is not None:
             kd_total = torch.zeros((), dtype=loss.dtype)
+            kept = None
+            if self.config.task_bn != "shared" and self.config.old_bn == "batch":
+                # the old tasks' forwards update copies of their statistics; the recorded ones are put back
+                norms = [bn for t in learned for bn in task_norms(model, t)]
+                kept = [(bn, {k: getattr(bn, k) for k in _BN_BUFFERS}) for bn in norms]
+                for bn, st in kept:
+                    for k, v in st.items():
+                        setattr(bn, k, v.clone())
             for old in learned:
                 x = as_input_of(b.x, model.spec(old))
                 with torch.no_grad():
@@ -107,6 +167,9 @@ class LwF(SequentialMethod):
                 kd = distillation_loss(model(x, old), target, self.config.temperature)
                 out[f"distill/{old}"] = kd.detach()
                 kd_total = kd_total + kd
+            for bn, st in kept or ():
+                for k, v in st.items():
+                    setattr(bn, k, v)
             loss = loss + self.config.distill_weight * kd_total
         out["loss"] = loss
         return out
