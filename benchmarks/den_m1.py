@@ -52,6 +52,9 @@ def add_args(p: Any, epochs: int = 4, train_size: int = 8000) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--baselines", default="individual,nestednet,packnet-grouped")
+    p.add_argument(
+        "--stage-schedule", default="constant", choices=["constant", "step", "cosine"], help="within a stage"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny settings (seconds), to check the script")
 
 
@@ -118,6 +121,7 @@ def run_scenario(name: str, scenario: str, data: dict[str, Any], args: Any, extr
             "estimator_epochs": args.epochs,
             "selector_epochs": sel_epochs,
             "budget_levels": [1.0],
+            "stage_schedule": args.stage_schedule,
         }
         _, run = run_method(
             "den",
@@ -179,6 +183,7 @@ def run_scenario(name: str, scenario: str, data: dict[str, Any], args: Any, extr
         "epochs_per_estimator_stage": args.epochs,
         "epochs_per_selector_stage": sel_epochs,
         "stages": args.stages,
+        "stage_schedule": args.stage_schedule,
         "backbone": f"resnet{args.depth} width {args.width}",
         "feature_size": args.feature_size,
         "smoke": args.smoke,
