@@ -98,6 +98,7 @@ def run_scenario(name: str, scenario: str, data: dict[str, Any], args: Any, extr
             data["scenario"]["train_size"] = 64
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir or f"runs/bench/{name}")
+    out_stem = Path(args.out) if args.out else RESULTS / name  # plots are named after the results file
     model = {"name": "resnet", "depth": args.depth, "width": args.width, "feature_size": args.feature_size}
     sel_epochs = args.selector_epochs or max(1, args.epochs // 2)
     train = {
@@ -140,7 +141,7 @@ def run_scenario(name: str, scenario: str, data: dict[str, Any], args: Any, extr
         rows += den_rows(run, f"den-rho{rho:g}", scenario)
         plot_structures(
             evaluate_den(run.model, run.taskset, split="test"),
-            (Path(args.out) if args.out else RESULTS / name).with_name(f"{name}_fig6_rho{rho:g}.png"),
+            out_stem.with_name(f"{out_stem.name}_fig6_rho{rho:g}.png"),
         )
     # the baselines on the same estimator, each on a copy whose batch norms are calibrated for its own
     # structures (as training calibrates the selector's): no row runs on statistics made for others
@@ -176,7 +177,7 @@ def run_scenario(name: str, scenario: str, data: dict[str, Any], args: Any, extr
             for r in rows
             if r["method"].startswith("den-rho")
         ],
-        (Path(args.out) if args.out else RESULTS / name).with_name(f"{name}_acc_flops.png"),
+        out_stem.with_name(f"{out_stem.name}_acc_flops.png"),
     )
     meta = {
         **extra,
