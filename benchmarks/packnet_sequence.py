@@ -37,7 +37,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import claim, floor_claims, parser, read_mergeable, write_claims, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    claim,
+    floor_claims,
+    parser,
+    read_mergeable,
+    text_claim,
+    write_claims,
+    write_results,
+)
 
 from virtnet import api  # noqa: E402
 from virtnet.config import RunConfig  # noqa: E402
@@ -88,7 +96,9 @@ def order_ratios(args: Any) -> dict[str, list[float]]:
     return out
 
 
-def method_options(method: str, args: Any, num_tasks: int, order: str | None = None) -> dict[str, Any]:
+def method_options(
+    method: str, args: Any, num_tasks: int, order: str | None = None, lam: float = 1.0
+) -> dict[str, Any]:
     if method in ("packnet", "packnet_task_bn"):
         return {
             "shared_stem": False,
@@ -104,14 +114,21 @@ def method_options(method: str, args: Any, num_tasks: int, order: str | None = N
             "task_specific_bn": method == "packnet_task_bn",
         }
     if method == "lwf":
-        return {"shared_stem": False, "warmup_epochs": args.lwf_warmup}
+        return {"shared_stem": False, "warmup_epochs": args.lwf_warmup, "distill_weight": lam}
     if method in ("finetune", "feature_extraction"):
         return {"shared_stem": False}
     return {}
 
 
 def run_config(
-    args: Any, backbone: str, method: str, tasks: list[str], out: Path, order: str | None = None
+    args: Any,
+    backbone: str,
+    method: str,
+    tasks: list[str],
+    out: Path,
+    order: str | None = None,
+    lam: float = 1.0,
+    val_fraction: float = 0.0,
 ) -> RunConfig:
     return RunConfig.from_dict(
         {
@@ -119,11 +136,15 @@ def run_config(
             "output_dir": str(out),
             "data": {
                 "root": args.data_root,
-                "val_fraction": 0,  # train on every training image (no default val split)
+                # 0: train on every training image; LwF's lambda search carves a val split
+                "val_fraction": val_fraction,
                 "tasks": [task_config(t, args.train_size) for t in tasks],
             },
             "model": {**BACKBONES[backbone], "feature_size": args.feature_size},
-            "method": {"name": method.split("_task")[0], **method_options(method, args, len(tasks), order)},
+            "method": {
+                "name": method.split("_task")[0],
+                **method_options(method, args, len(tasks), order, lam),
+            },
             "train": {
                 "epochs": args.epochs,
                 "batch_size": args.batch_size,
@@ -142,6 +163,65 @@ def run_config(
             },
         }
     )
+
+
+def search_lwf(
+    args: Any,
+    backbone: str,
+    order: str,
+    tasks: list[str],
+    ts: TaskSet,
+    work: Path,
+    lambdas: list[float],
+) -> tuple[Path, float, list[dict[str, Any]]]:
+    """Train LwF once per lambda on ``ts`` (tasks with val splits); return the run directory and lambda of
+    the best mean val accuracy over all tasks after the sequence, and one row per (lambda, task) with its
+    val and test accuracy after the last task."""
+    found: list[dict[str, Any]] = []
+    scores: dict[float, float] = {}
+    dirs: dict[float, Path] = {}
+    for lam in lambdas:
+        out = work / backbone / order / f"lwf_lambda{lam:g}"
+        t0 = time.perf_counter()
+        cfg = run_config(
+            args, backbone, "lwf", tasks, out, order, lam=lam, val_fraction=args.lwf_val_fraction
+        )
+        api.train(cfg, taskset=ts, log=lambda s: None)
+        seconds = time.perf_counter() - t0
+        loaded = api.load(out / "model.json")
+        val = {r["task"]: r for r in evaluate(loaded.method, loaded.model, ts, split="val", tasks=tasks)}
+        test = {r["task"]: r for r in evaluate(loaded.method, loaded.model, ts, split="test", tasks=tasks)}
+        scores[lam] = statistics.fmean(val[t]["accuracy"] for t in tasks)
+        dirs[lam] = out
+        for t in tasks:
+            found.append(
+                {
+                    "method": "lwf_search",
+                    "scenario": order,
+                    "backbone": backbone,
+                    "after_task": tasks[-1],
+                    "after_index": len(tasks),
+                    "task": t,
+                    "level": 1,
+                    "distill_weight": lam,
+                    "params": api.total_parameters(loaded.model),
+                    "flops": flops_of(loaded, t),
+                    "val_accuracy": val[t]["accuracy"],
+                    "accuracy": test[t]["accuracy"],
+                    "error": 100.0 - test[t]["accuracy"],
+                    "train_seconds": seconds,
+                }
+            )
+        print(
+            f"[{backbone} {order}] lwf lambda {lam:g} ({seconds:.0f}s): mean val {scores[lam]:.2f}; test "
+            + ", ".join(f"{t} {test[t]['accuracy']:.2f}" for t in tasks),
+            flush=True,
+        )
+    best = max(lambdas, key=lambda lam: scores[lam])  # the first of equals: the grid's order
+    for r in found:
+        r["chosen"] = r["distill_weight"] == best
+        r["mean_val_accuracy"] = scores[r["distill_weight"]]
+    return dirs[best], best, found
 
 
 def after_each_task(run_dir: Path, taskset: TaskSet) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -233,6 +313,13 @@ def main() -> None:
     p.add_argument("--retrain-epochs", type=int, default=1, help="PackNet re-training epochs after pruning")
     p.add_argument("--retrain-lr-factor", type=float, default=0.1, help="PackNet re-training lr / lr")
     p.add_argument("--lwf-warmup", type=int, default=1, help="LwF epochs training the new head alone")
+    p.add_argument(
+        "--lwf-lambdas",
+        default="1",
+        help="LwF's distillation weights; several: one run each on 1 - --lwf-val-fraction of the training "
+        "images, the best mean val accuracy over all tasks after the sequence is reported as 'lwf'",
+    )
+    p.add_argument("--lwf-val-fraction", type=float, default=0.1, help="LwF's search: val split fraction")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--feature-size", type=int, default=14)
@@ -275,6 +362,16 @@ def main() -> None:
         }
     )
     full = build_taskset(data, args.seed)
+    lambdas = [float(v) for v in args.lwf_lambdas.split(",")]
+    # LwF's lambda search: the same tasks with a val split carved from each training set (seeded by the
+    # run seed), on which lambda is chosen; the chosen run's test rows are the "lwf" rows
+    full_val = (
+        build_taskset(data.model_copy(update={"val_fraction": args.lwf_val_fraction}), args.seed)
+        if "lwf" in methods and len(lambdas) > 1
+        else None
+    )
+    search_rows: list[dict[str, Any]] = []
+    lwf_chosen: dict[str, float] = {}
     work = Path(args.work_dir or "runs/bench/packnet_sequence")
     rows: list[dict[str, Any]] = []
     storage_rows: list[dict[str, Any]] = []
@@ -343,11 +440,20 @@ def main() -> None:
             for method in [m for m in methods if m in SEQUENTIAL]:
                 out = work / backbone / order / method
                 t0 = time.perf_counter()
-                run = api.train(
-                    run_config(args, backbone, method, tasks, out, order), taskset=ts, log=lambda s: None
-                )
+                run_ts = ts
+                if method == "lwf" and len(lambdas) > 1:
+                    run_ts = TaskSet([full_val[t] for t in tasks], f"order {order}")
+                    out, chosen, found = search_lwf(args, backbone, order, tasks, run_ts, work, lambdas)
+                    search_rows += found
+                    lwf_chosen[f"{backbone} {order}"] = chosen
+                else:
+                    api.train(
+                        run_config(args, backbone, method, tasks, out, order, lam=lambdas[0]),
+                        taskset=ts,
+                        log=lambda s: None,
+                    )
                 seconds = time.perf_counter() - t0
-                seq, pruned = after_each_task(out, ts)
+                seq, pruned = after_each_task(out, run_ts)
                 loaded = api.load(out / "model.json")
                 store = storage_of(method, loaded, out)
                 params = api.total_parameters(loaded.model)
@@ -393,6 +499,11 @@ def main() -> None:
             summary[f"{backbone} {order}"] = acceptance(rows, storage_rows, backbone, order, tasks)
     elapsed = time.perf_counter() - t_start
     merged = merge_rows(args, methods, rows, storage_rows) if args.merge_from else None
+    ind_acc = {(r["backbone"], r["task"]): r["accuracy"] for r in rows if r["method"] == "individual"}
+    for r in rows:  # against the (possibly merged) individual networks
+        if r["method"] != "individual" and (r["backbone"], r["task"]) in ind_acc:
+            r["vs_individual"] = r["accuracy"] - ind_acc[(r["backbone"], r["task"])]
+    rows += search_rows
     stem = write_results(
         "packnet_sequence",
         rows + storage_rows,
@@ -408,6 +519,20 @@ def main() -> None:
             },
             "packnet_task_bn": "packnet with task_specific_bn: true",
             "acceptance": summary,
+            **(
+                {
+                    "lwf_search": {
+                        "lambdas": lambdas,
+                        "val_fraction": args.lwf_val_fraction,
+                        "selection": "mean val accuracy over all tasks after the sequence (test never "
+                        "used); rows with method 'lwf_search' hold every setting's val and test "
+                        "accuracy, the chosen one's full sequence is the 'lwf' rows",
+                        "chosen": lwf_chosen,
+                    }
+                }
+                if lwf_chosen
+                else {"lwf_distill_weight": lambdas[0]}
+            ),
             "wall_seconds": round(elapsed, 1),
             **({"merged_from": merged} if merged else {}),
         },
@@ -560,6 +685,27 @@ def claims(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> li
                     None if st is None else st.get("bytes_vs_one_network"),
                 )
             )
+    for backbone, order in dict.fromkeys(
+        (r["backbone"], r["scenario"]) for r in seq if r["method"] == "lwf_search"
+    ):
+        found = [
+            r
+            for r in seq
+            if r["method"] == "lwf_search" and (r["backbone"], r["scenario"]) == (backbone, order)
+        ]
+        mean_val = {r["distill_weight"]: r["mean_val_accuracy"] for r in found}
+        chosen = next(r["distill_weight"] for r in found if r["chosen"])
+        best = max(mean_val.values())
+        out.append(
+            text_claim(
+                f"packnet_sequence.{backbone}.{order}.lwf.chosen_on_val",
+                f"LwF, {backbone}, order {order}: lambda chosen by the mean val accuracy over all tasks "
+                f"after the sequence among {sorted(mean_val)} (test never used); measured: the chosen lambda",
+                "the lambda of the highest mean val accuracy",
+                chosen,
+                mean_val[chosen] == best,
+            )
+        )
     for backbone in dict.fromkeys(r["backbone"] for r in seq):
         ind = {
             ("individual", r["task"]): r["accuracy"]
@@ -631,6 +777,24 @@ def write_summary(
                 f"| {t} | " + " | ".join(f"{final.get((m, t), float('nan')):.2f}" for m in methods) + " |"
             )
         parts.append("\n".join(lines) + "\n")
+        found = [r for r in mine if r["method"] == "lwf_search"]
+        if found:
+            lams = list(dict.fromkeys(r["distill_weight"] for r in found))
+            cell = {(r["distill_weight"], r["task"]): r for r in found}
+            lines = [
+                "\nLwF: lambda chosen on the val split (mean val accuracy over all tasks after the "
+                "sequence); test accuracy (%) after the last task\n",
+                "| lambda | mean val | " + " | ".join(tasks) + " | chosen |",
+                "|---:|---:|" + "---:|" * len(tasks) + "---|",
+            ]
+            for lam in lams:
+                r0 = cell[(lam, tasks[0])]
+                lines.append(
+                    f"| {lam:g} | {r0['mean_val_accuracy']:.2f} | "
+                    + " | ".join(f"{cell[(lam, t)]['accuracy']:.2f}" for t in tasks)
+                    + f" | {'**yes**' if r0['chosen'] else ''} |"
+                )
+            parts.append("\n".join(lines) + "\n")
         st = [s for s in storage if s["backbone"] == backbone and s["scenario"] == order]
         lines = ["\nStorage\n", "| method | # models | bytes | x one network |", "|---|---:|---:|---:|"]
         for s in st:
