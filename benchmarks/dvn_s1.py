@@ -11,16 +11,27 @@ Run:  python benchmarks/dvn_s1.py [--data-root ../shared/data] [--dataset fashio
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import add_training_args, claim, parser, run_method, sgd_train, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    add_training_args,
+    claim,
+    parser,
+    run_method,
+    sgd_train,
+    text_claim,
+    write_results,
+)
 
 from virtnet import api  # noqa: E402
 from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
+from virtnet.train import evaluate  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +40,16 @@ def main() -> None:
     add_training_args(p, epochs=4)
     p.add_argument("--train-size", type=int, default=None, help="training images per task (default: all)")
     p.add_argument("--methods", default="dvn,lwf,feature_extraction,finetune")
+    p.add_argument(
+        "--lwf-lambdas",
+        default="1",
+        help="LwF's distillation weights; several: one run each on 1 - --lwf-val-fraction of the training "
+        "images, the best mean val accuracy over both tasks after the sequence is reported as 'lwf'",
+    )
+    p.add_argument("--lwf-val-fraction", type=float, default=0.1, help="LwF's search: val split fraction")
+    p.add_argument("--lwf-warmup", type=int, default=1, help="LwF epochs training the new head alone")
     args = p.parse_args()
+    lambdas = [float(v) for v in args.lwf_lambdas.split(",")]
     torch.set_num_threads(args.threads)
 
     data = {
@@ -47,21 +67,30 @@ def main() -> None:
     model = {"name": "resnet", "depth": args.depth, "width": args.width}
     train = sgd_train(args)
     work = Path(args.work_dir or "runs/bench/dvn_s1")
-    options = {"dvn": {"mode": "sequential"}, "lwf": {}, "feature_extraction": {}, "finetune": {}}
-    rows, final = [], {}
+    options = {
+        "dvn": {"mode": "sequential"},
+        "lwf": {"distill_weight": lambdas[0], "warmup_epochs": args.lwf_warmup},
+        "feature_extraction": {},
+        "finetune": {},
+    }
+    rows, final, search = [], {}, None
     for name in args.methods.split(","):
-        r, run = run_method(
-            name,
-            "S1",
-            data,
-            model,
-            train,
-            work,
-            args.seed,
-            taskset=taskset,
-            options=options[name],
-            threads=args.threads,
-        )
+        if name == "lwf" and len(lambdas) > 1:
+            r, run, search = search_lwf(args, data, model, train, work, lambdas)
+            rows += search["rows"]
+        else:
+            r, run = run_method(
+                name,
+                "S1",
+                data,
+                model,
+                train,
+                work,
+                args.seed,
+                taskset=taskset,
+                options=options[name],
+                threads=args.threads,
+            )
         for row in r:
             rows.append({**row, "stage": "final"})
         for s in api.sequence_rows(run.out_dir / "model.json", taskset):
@@ -109,12 +138,81 @@ def main() -> None:
             "backbone": f"resnet{args.depth} width {args.width}",
             "epochs_per_task": args.epochs,
             "train_size_per_task": args.train_size,
+            "lwf_warmup_epochs": args.lwf_warmup,
+            **(
+                {
+                    "lwf_search": {
+                        "lambdas": lambdas,
+                        "val_fraction": args.lwf_val_fraction,
+                        "selection": "mean val accuracy over both tasks after the sequence (test never "
+                        "used); rows with method 'lwf_search' hold every setting's val and test accuracy",
+                        "chosen": search["chosen"],
+                        "mean_val": search["mean_val"],
+                    }
+                }
+                if search
+                else {"lwf_distill_weight": lambdas[0]}
+            ),
         },
         claims=claims(rows),
     )
     with open(f"{stem}.md", "a") as f:
         f.write("\n## Summary\n\n" + text + "\n")
     print(text)
+
+
+def search_lwf(
+    args: Any,
+    data: dict[str, Any],
+    model: dict[str, Any],
+    train: dict[str, Any],
+    work: Path,
+    lambdas: list[float],
+) -> tuple[list[dict[str, Any]], Any, dict[str, Any]]:
+    """LwF once per lambda on the tasks with a val split (--lwf-val-fraction of each training set, seeded
+    by the run seed); returns the chosen run's final rows (method 'lwf'), the run, and the search (rows
+    with method 'lwf_search': val and test accuracy per (lambda, task); the chosen lambda)."""
+    vdata = {**data, "val_fraction": args.lwf_val_fraction}
+    vts = build_taskset(DataConfig.model_validate(vdata), args.seed)
+    found, runs, mean_val = [], {}, {}
+    for lam in lambdas:
+        r, run = run_method(
+            "lwf",
+            "S1",
+            vdata,
+            model,
+            train,
+            work,
+            args.seed,
+            taskset=vts,
+            options={"distill_weight": lam, "warmup_epochs": args.lwf_warmup},
+            label=f"lwf_lambda{lam:g}",
+            threads=args.threads,
+        )
+        val = {
+            x["task"]: x["accuracy"]
+            for x in evaluate(run.method, run.model, vts, split="val", tasks=vts.names)
+        }
+        mean_val[lam] = statistics.fmean(val.values())
+        runs[lam] = (r, run)
+        for x in r:
+            found.append(
+                {
+                    **{k: x[k] for k in ("task", "level", "accuracy", "params", "flops", "train_seconds")},
+                    "method": "lwf_search",
+                    "scenario": "S1",
+                    "stage": "search",
+                    "distill_weight": lam,
+                    "val_accuracy": val[x["task"]],
+                }
+            )
+    best = max(lambdas, key=lambda lam: mean_val[lam])  # the first of equals: the grid's order
+    for x in found:
+        x["mean_val_accuracy"] = mean_val[x["distill_weight"]]
+        x["chosen"] = x["distill_weight"] == best
+    r, run = runs[best]
+    r = [{**x, "method": "lwf", "distill_weight": best} for x in r]
+    return r, run, {"rows": found, "chosen": best, "mean_val": {f"{k:g}": v for k, v in mean_val.items()}}
 
 
 def claims(rows: list[dict], meta: dict | None = None) -> list[dict]:
@@ -150,6 +248,20 @@ def claims(rows: list[dict], meta: dict | None = None) -> list[dict]:
             None if lwf_new is None or d_new is None else d_new - lwf_new,
         )
     )
+    found = [r for r in rows if r["method"] == "lwf_search"]
+    if found:
+        mean_val = {r["distill_weight"]: r["mean_val_accuracy"] for r in found}
+        chosen = next(r["distill_weight"] for r in found if r["chosen"])
+        out.append(
+            text_claim(
+                "dvn_s1.lwf.chosen_on_val",
+                f"LwF's lambda chosen by the mean val accuracy over both tasks after the sequence among "
+                f"{sorted(mean_val)} (test never used); measured: the chosen lambda",
+                "the lambda of the highest mean val accuracy",
+                chosen,
+                mean_val[chosen] == max(mean_val.values()),
+            )
+        )
     return out
 
 
