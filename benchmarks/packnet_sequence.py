@@ -496,9 +496,12 @@ def main() -> None:
                     + ", ".join(f"{r['task']} {r['accuracy']:.2f}" for r in final),
                     flush=True,
                 )
-            summary[f"{backbone} {order}"] = acceptance(rows, storage_rows, backbone, order, tasks)
+            summary[f"{backbone} {order}"] = tasks
     elapsed = time.perf_counter() - t_start
     merged = merge_rows(args, methods, rows, storage_rows) if args.merge_from else None
+    for key, tasks in summary.items():  # on the merged rows: PackNet's rows may come from --merge-from
+        backbone, order = key.split(" ")
+        summary[key] = acceptance(rows, storage_rows, backbone, order, tasks)
     ind_acc = {(r["backbone"], r["task"]): r["accuracy"] for r in rows if r["method"] == "individual"}
     for r in rows:  # against the (possibly merged) individual networks
         if r["method"] != "individual" and (r["backbone"], r["task"]) in ind_acc:
