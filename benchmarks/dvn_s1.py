@@ -31,6 +31,7 @@ from _common import (  # noqa: E402
 
 from virtnet import api  # noqa: E402
 from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
+from virtnet.errors import TrainingError  # noqa: E402
 from virtnet.train import evaluate  # noqa: E402
 
 
@@ -176,19 +177,38 @@ def search_lwf(
     vts = build_taskset(DataConfig.model_validate(vdata), args.seed)
     found, runs, mean_val = [], {}, {}
     for lam in lambdas:
-        r, run = run_method(
-            "lwf",
-            "S1",
-            vdata,
-            model,
-            train,
-            work,
-            args.seed,
-            taskset=vts,
-            options={"distill_weight": lam, "warmup_epochs": args.lwf_warmup},
-            label=f"lwf_lambda{lam:g}",
-            threads=args.threads,
-        )
+        try:
+            r, run = run_method(
+                "lwf",
+                "S1",
+                vdata,
+                model,
+                train,
+                work,
+                args.seed,
+                taskset=vts,
+                options={"distill_weight": lam, "warmup_epochs": args.lwf_warmup},
+                label=f"lwf_lambda{lam:g}",
+                threads=args.threads,
+            )
+        except TrainingError as e:  # a diverging setting is recorded, never chosen; the search goes on
+            print(f"lwf_lambda{lam:g}: diverged: {e}", flush=True)
+            mean_val[lam] = None
+            for t in vts.names:
+                found.append(
+                    {
+                        "task": t,
+                        "level": 1,
+                        "accuracy": None,
+                        "method": "lwf_search",
+                        "scenario": "S1",
+                        "stage": "search",
+                        "distill_weight": lam,
+                        "val_accuracy": None,
+                        "diverged": str(e),
+                    }
+                )
+            continue
         val = {
             x["task"]: x["accuracy"]
             for x in evaluate(run.method, run.model, vts, split="val", tasks=vts.names)
@@ -206,8 +226,14 @@ def search_lwf(
                     "val_accuracy": val[x["task"]],
                 }
             )
-    best = max(lambdas, key=lambda lam: mean_val[lam])  # the first of equals: the grid's order
+    finite = [lam for lam in lambdas if mean_val[lam] is not None]
+    if not finite:
+        raise SystemExit(f"dvn_s1: LwF diverged for every lambda of {lambdas}")
+    best = max(finite, key=lambda lam: mean_val[lam])  # the first of equals: the grid's order
+    cost = {(x["task"], x["level"]): x for x in runs[best][0]}
     for x in found:
+        if "params" not in x:  # a diverged setting: the same network as every other lambda's
+            x.update({k: cost[(x["task"], x["level"])][k] for k in ("params", "flops")})
         x["mean_val_accuracy"] = mean_val[x["distill_weight"]]
         x["chosen"] = x["distill_weight"] == best
     r, run = runs[best]
@@ -259,7 +285,7 @@ def claims(rows: list[dict], meta: dict | None = None) -> list[dict]:
                 f"{sorted(mean_val)} (test never used); measured: the chosen lambda",
                 "the lambda of the highest mean val accuracy",
                 chosen,
-                mean_val[chosen] == max(mean_val.values()),
+                mean_val[chosen] == max(v for v in mean_val.values() if v is not None),
             )
         )
     return out
