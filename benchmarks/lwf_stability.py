@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import claim, parser, write_results  # noqa: E402
+from _common import claim, parser, sgd_train, write_results  # noqa: E402
 
 from virtnet import api  # noqa: E402
 from virtnet.cost import count_flops  # noqa: E402
@@ -76,13 +76,7 @@ def run_config(args: Any, s: dict[str, Any], out: Path) -> dict[str, Any]:
         "model": {"name": "resnet", "depth": 20, "width": 1.0, "feature_size": 14},
         "method": method,
         "train": {
-            "epochs": args.epochs,
-            "batch_size": 64,
-            "optimizer": "sgd",
-            "lr": args.lr,
-            "momentum": 0.9,
-            "weight_decay": 5e-4,
-            "schedule": "cosine",
+            **sgd_train(args),
             "eval_every": 0,
             "checkpoint_every": 0,
             "nonfinite_loss": "warn",  # a diverging setting is recorded, not stopped
@@ -97,6 +91,7 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=3000, help="training images per task")
     p.add_argument("--epochs", type=int, default=2, help="epochs per task (after the warm-up)")
     p.add_argument("--lr", type=float, default=0.05, help="the first task's learning rate")
+    p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args()
     work = Path(args.work_dir or f"runs/bench/{NAME}")
     rows: list[dict[str, Any]] = []
