@@ -11,6 +11,7 @@ Run:  python benchmarks/dvn_s1.py [--data-root ../shared/data] [--dataset fashio
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -49,6 +50,11 @@ def main() -> None:
     )
     p.add_argument("--lwf-val-fraction", type=float, default=0.1, help="LwF's search: val split fraction")
     p.add_argument("--lwf-warmup", type=int, default=1, help="LwF epochs training the new head alone")
+    p.add_argument(
+        "--dvn-options",
+        default="{}",
+        help="extra JSON `method:` options for dvn, e.g. '{\"old_bn\": \"recorded\"}'",
+    )
     args = p.parse_args()
     lambdas = [float(v) for v in args.lwf_lambdas.split(",")]
     torch.set_num_threads(args.threads)
@@ -69,7 +75,7 @@ def main() -> None:
     train = sgd_train(args)
     work = Path(args.work_dir or "runs/bench/dvn_s1")
     options = {
-        "dvn": {"mode": "sequential"},
+        "dvn": {"mode": "sequential", **json.loads(args.dvn_options)},
         "lwf": {"distill_weight": lambdas[0], "warmup_epochs": args.lwf_warmup},
         "feature_extraction": {},
         "finetune": {},

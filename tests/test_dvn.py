@@ -286,6 +286,62 @@ def test_sequential_distills_towards_the_old_network():
     assert {"distill/t0@1", "distill/t0@2", "loss/t1@1", "loss/t1@2"} <= set(records[-1])
 
 
+def test_sequential_old_bn_recorded_keeps_the_old_levels_statistics_and_later_rate():
+    from virtnet.data.loader import MultiTaskLoader
+    from virtnet.methods.common.distill import task_norms
+
+    ts = make_taskset()
+    for old_bn in ("recorded", "batch"):
+        method, model = build(specs=api.task_specs(ts), mode="sequential", old_bn=old_bn, later_lr_scale=0.25)
+        phases = method.phases(ts.names)
+        tr = Trainer(method, model, ts, cfg(epochs=1), 0, None, log=lambda s: None)
+        tr._run_phase(phases[0], None)
+        assert [g.get("lr_scale", 1.0) for g in method.param_groups(model, phases[0])] == [1.0]
+        method.on_phase_start(model, phases[1])
+        assert [g["lr_scale"] for g in method.param_groups(model, phases[1])] == [0.25]
+        norms = {k: task_norms(model.trunk, k) + task_norms(model.stem("t0"), k) for k in ("t0/1", "t0/2")}
+        before = {k: [bn.running_mean.clone() for bn in v] for k, v in norms.items()}
+        model.train()
+        batches = next(MultiTaskLoader(ts, 8, 0).iterate(0))
+        method.training_step(model, {"t1": batches["t1"]}, phases[1])
+        moved = {
+            k: any(not torch.equal(a, bn.running_mean) for a, bn in zip(before[k], v, strict=True))
+            for k, v in norms.items()
+        }
+        # the old task's recorded level keeps its statistics only with "recorded"; its new level (no
+        # statistics recorded yet) follows the new data either way
+        assert moved == {"t0/1": old_bn == "batch", "t0/2": True}
+
+
+def test_sequential_warmup_leaves_the_old_levels_bit_identical_then_distills():
+    ts = make_taskset()
+    method, model = build(specs=api.task_specs(ts), mode="sequential", warmup_epochs=1)
+    phases = method.phases(ts.names)
+    assert [p.name for p in phases] == ["task-t0", "warmup-t1", "task-t1"]
+    assert phases[1].info["epochs"] == 1
+    tr = Trainer(
+        method, model, ts, cfg(epochs=2, weight_decay=0.05, momentum=0.9), 0, None, log=lambda s: None
+    )
+    tr._run_phase(phases[0], None)
+    x = torch.randn(5, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        old = model(x, "t0", model.route("t0", 1)).clone()
+        new_before = model(x, "t1", model.route("t1", 2)).clone()
+    tr._run_phase(phases[1], None)
+    assert int(model.active_units) == 2 and method._teacher is None
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, "t0", model.route("t0", 1)), old)  # weight decay and momentum included
+        assert not torch.equal(model(x, "t1", model.route("t1", 2)), new_before)  # the new task learned
+    tr._run_phase(phases[2], None)
+    records = [r for r in tr.history if r.get("event") == "train"]
+    assert "distill/t0@1" in records[-1]
+    model.eval()
+    with torch.no_grad():
+        assert not torch.equal(model(x, "t0", model.route("t0", 1)), old)  # eq. 6 trains every unit
+
+
 def test_grouped_packnet_leaves_earlier_tasks_bit_identical():
     ts = make_taskset()
     method, model = build("packnet-grouped", specs=api.task_specs(ts))

@@ -30,10 +30,11 @@ from virtnet.backbones.base import TaskSpec
 from virtnet.data.core import Batch
 from virtnet.errors import ConfigError
 from virtnet.methods.base import Phase, register
-from virtnet.methods.common.distill import as_input_of, distillation_loss, frozen_copy
+from virtnet.methods.common.distill import as_input_of, distillation_loss, frozen_copy, set_task_bn_eval
 from virtnet.methods.common.unit_method import LevelsConfig, UnitMethod
 from virtnet.methods.common.units import check_order, rule_orders
-from virtnet.methods.common.virtual import VirtualNet
+from virtnet.methods.common.virtual import VirtualNet, level_key
+from virtnet.nn import usage
 
 
 class DVNConfig(LevelsConfig):
@@ -43,6 +44,13 @@ class DVNConfig(LevelsConfig):
     mode: Literal["joint", "sequential"] = "joint"
     temperature: float = Field(default=2.0, ge=1.0)  # sequential: distillation temperature
     distill_weight: float = Field(default=1.0, ge=0.0)  # sequential: weight of the distillation terms
+    # sequential: the old tasks' levels that existed before the new task normalise with the statistics they
+    # recorded (as the frozen teacher does), or with the new data's batch statistics (updating theirs)
+    old_bn: Literal["recorded", "batch"] = "batch"
+    later_lr_scale: float = Field(default=1.0, gt=0.0, le=1.0)  # sequential: later tasks train at lr x this
+    # sequential: epochs training a new task with the old levels' weight blocks frozen (exactly: restored
+    # after every step) before the distillation phase, as LwF warms up its new head (0: none, the paper)
+    warmup_epochs: int = Field(default=0, ge=0)
 
 
 @register
@@ -55,6 +63,7 @@ class DVN(UnitMethod):
     def __init__(self, config: DVNConfig | None = None) -> None:
         super().__init__(config)
         self._teacher: nn.Module | None = None  # sequential: the network before the current task
+        self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # warm-up: kept blocks
 
     # ---- building ----------------------------------------------------------------------------------
     def num_units(self, specs: list[TaskSpec]) -> int:
@@ -97,15 +106,52 @@ class DVN(UnitMethod):
     def phases(self, tasks: list[str]) -> list[Phase]:
         if self.config.mode == "joint":
             return [Phase("joint", list(tasks), 0)]
-        return [Phase(f"task-{t}", [t], i, {"learned": tasks[:i]}) for i, t in enumerate(tasks)]
+        out: list[Phase] = []
+        for i, t in enumerate(tasks):
+            if i > 0 and self.config.warmup_epochs > 0:
+                info = {"learned": tasks[:i], "warmup": True, "epochs": self.config.warmup_epochs}
+                out.append(Phase(f"warmup-{t}", [t], len(out), info))
+            out.append(Phase(f"task-{t}", [t], len(out), {"learned": tasks[:i]}))
+        return out
+
+    def varying_parameters(self, phase: Phase) -> bool:
+        # sequential: the optimizer holds every parameter; the old tasks' stems and heads get no gradient
+        # from the new task's losses during a warm-up
+        return self.config.mode == "sequential"
 
     def on_phase_start(self, model: nn.Module, phase: Phase) -> None:
         self._teacher = None
+        self._frozen = []
         if self.config.mode != "sequential":
             return
-        if phase.info["learned"]:
-            self._teacher = frozen_copy(model)
-        model.active_units.fill_(phase.index + 1)  # the new task's unit joins the network
+        learned = phase.info["learned"]
+        if learned and not phase.info.get("warmup"):
+            self._teacher = frozen_copy(model)  # before the new unit joins: the old network
+            self._teacher.active_units.fill_(len(learned))
+        model.active_units.fill_(len(learned) + 1)  # the new task's unit joins the network
+        if learned and phase.info.get("warmup"):
+            # what the old tasks' levels read of the trunk (the old units' blocks) stays exactly as it is
+            trunk = dict(model.trunk.named_parameters())
+            masks: dict[str, torch.Tensor] = {}
+            for old in learned:
+                for lv in range(1, len(learned) + 1):
+                    if lv in model.offered[old]:
+                        for name, m in usage(model.trunk, model.route(old, lv)).items():
+                            masks[name] = masks[name] | m if name in masks else m.clone()
+            self._frozen = [(trunk[n], m, trunk[n].detach().clone()) for n, m in masks.items()]
+
+    def after_step(self, model: nn.Module, phase: Phase) -> None:
+        """Warm-up: put the old levels' blocks back (momentum and weight decay must not move them)."""
+        with torch.no_grad():
+            for p, mask, saved in self._frozen:
+                p.copy_(torch.where(mask, saved, p))
+
+    def param_groups(self, model: nn.Module, phase: Phase) -> list[dict[str, Any]]:
+        groups = super().param_groups(model, phase)
+        if self.config.mode == "sequential" and phase.info["learned"] and self.config.later_lr_scale != 1.0:
+            for g in groups:
+                g["lr_scale"] = g.get("lr_scale", 1.0) * self.config.later_lr_scale
+        return groups
 
     # ---- training ----------------------------------------------------------------------------------
     def training_step(
@@ -124,10 +170,11 @@ class DVN(UnitMethod):
         """Eq. 6: every level of every old task against the old network's output on the new data.
 
         Level l of an old task is matched to the old network's level l; the level that the new unit
-        adds is matched to the old network's largest level. Every configuration's batch norms normalise
-        with batch statistics and update their running statistics on the new data, as LwF's shared trunk
-        does (freezing the old configurations' statistics while their weights move made their
-        activations diverge at lr 0.1).
+        adds is matched to the old network's largest level. With ``old_bn: batch`` every configuration's
+        batch norms normalise with batch statistics and update their running statistics on the new data;
+        with ``old_bn: recorded`` the old levels keep the statistics they recorded on their own task (the
+        function distilled is then the function evaluated), and the level the new unit adds, which has
+        recorded nothing, follows the new data.
         """
         assert self._teacher is not None
         teacher = self._teacher
@@ -136,6 +183,9 @@ class DVN(UnitMethod):
         for old in phase.info["learned"]:
             x = as_input_of(b.x, model.spec(old))
             old_levels = teacher.levels_of(old)
+            if self.config.old_bn == "recorded":
+                for part in (model.trunk, model.stem(old)):
+                    set_task_bn_eval(part, [level_key(old, lv) for lv in old_levels])
             with torch.no_grad():
                 targets = {lv: teacher(x, old, teacher.route(old, lv)) for lv in old_levels}
             for lv in model.levels_of(old):

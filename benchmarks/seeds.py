@@ -1,0 +1,134 @@
+"""Claims over several seeds (issue 15): one benchmark's results files, one per seed, as one file.
+
+Every numeric claim found in all the files becomes one claim whose per-seed values, mean and (sample)
+standard deviation are rows of the new file. Issue 15's rule: a claim is met when its mean meets the target
+and no seed misses the target by more than one standard deviation. ``measured`` encodes the rule so that
+``met == measured op target`` still holds on the stored numbers:
+
+* ``>=`` / ``>``: measured = min(mean, worst seed + sd);
+* ``<=`` / ``<``: measured = max(mean, worst seed - sd);
+* ``==``: measured = the mean, met only when every seed equals the target.
+
+A claim with a sentence as target is met when it is met at every seed (measured: "k of n seeds").
+
+Run:  python benchmarks/seeds.py --name dvn_s1_seeds docs/results/dvn_s1.json docs/results/dvn_s1_seed1.json
+      docs/results/dvn_s1_seed2.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, claim, parser, text_claim, write_results  # noqa: E402
+
+
+def read(path: str) -> dict[str, Any]:
+    """One results file, with its seed and claims checked."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{p}: cannot read a results file: {e}") from None
+    for key in ("seed", "claims", "benchmark"):
+        if key not in doc:
+            raise SystemExit(f"{p}: no '{key}' (not a results file with claims)")
+    return doc
+
+
+def combine(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows (per claim and seed, then per claim the mean and sd) and the combined claims."""
+    seeds = [d["seed"] for d in docs]
+    by_id = [{c["id"]: c for c in d["claims"]} for d in docs]
+    ids = [i for i in by_id[0] if all(i in b for b in by_id[1:])]
+    rows: list[dict[str, Any]] = []
+    claims: list[dict[str, Any]] = []
+    for cid in ids:
+        cs = [b[cid] for b in by_id]
+        target = cs[0]["target"]
+        if isinstance(target, dict):
+            values = [c["measured"] for c in cs]
+            for s, v in zip(seeds, values, strict=True):
+                rows.append({"claim": cid, "seed": s, "measured": v})
+            if any(not isinstance(v, (int, float)) for v in values):
+                claims.append(
+                    claim(
+                        cid,
+                        cs[0]["statement"] + " [a seed has no measurement]",
+                        target["op"],
+                        target["value"],
+                        None,
+                    )
+                )
+                continue
+            mean = statistics.fmean(values)
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            op = target["op"]
+            if op in (">=", ">"):
+                measured = min(mean, min(values) + sd)
+            elif op in ("<=", "<"):
+                measured = max(mean, max(values) - sd)
+            else:
+                measured = mean if all(v == target["value"] for v in values) else None
+            rows.append({"claim": cid, "seed": "mean", "measured": round(mean, 6), "sd": round(sd, 6)})
+            statement = (
+                f"{cs[0]['statement']} — over seeds {seeds}: mean {mean:.4g} ± {sd:.4g} (per seed "
+                f"{', '.join(f'{v:.4g}' for v in values)}); measured = the mean bounded by the worst seed "
+                "moved one sd towards the target (met: the mean meets it and no seed misses it by more "
+                "than one sd)"
+            )
+            claims.append(claim(cid, statement, op, target["value"], measured))
+        else:
+            n_met = sum(bool(c["met"]) for c in cs)
+            for s, c in zip(seeds, cs, strict=True):
+                rows.append({"claim": cid, "seed": s, "measured": c["measured"], "met": c["met"]})
+            claims.append(
+                text_claim(
+                    cid,
+                    f"{cs[0]['statement']} — at every seed of {seeds}",
+                    target,
+                    f"{n_met} of {len(cs)} seeds",
+                    n_met == len(cs),
+                )
+            )
+    return rows, claims
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("files", nargs="+", help="results .json files of one benchmark, one per seed")
+    p.add_argument("--name", required=True, help="name of the combined file (docs/results/<name>)")
+    args = p.parse_args()
+    docs = [read(f) for f in args.files]
+    names = {d["benchmark"] for d in docs}
+    if len(names) != 1:
+        raise SystemExit(f"the files are of different benchmarks: {sorted(names)}")
+    seeds = [d["seed"] for d in docs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"two files have the same seed: {seeds}")
+    rows, claims = combine(docs)
+    write_results(
+        args.name,
+        rows,
+        seeds[0],
+        args.out or str(RESULTS / args.name),
+        extra={
+            "seeds": seeds,
+            "sources": [
+                {"file": Path(f).name, "seed": d["seed"], "command": d.get("command")}
+                for f, d in zip(args.files, docs, strict=True)
+            ],
+        },
+        claims=claims,
+    )
+    met = sum(c["met"] for c in claims)
+    print(f"{args.name}: {met} of {len(claims)} claims met over seeds {seeds}")
+
+
+if __name__ == "__main__":
+    main()
