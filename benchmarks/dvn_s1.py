@@ -48,15 +48,23 @@ def main() -> None:
         help="LwF's distillation weights; several: one run each on 1 - --lwf-val-fraction of the training "
         "images, the best mean val accuracy over both tasks after the sequence is reported as 'lwf'",
     )
-    p.add_argument("--lwf-val-fraction", type=float, default=0.1, help="LwF's search: val split fraction")
+    p.add_argument(
+        "--dvn-lambdas",
+        default="1",
+        help="sequential DVN's distillation weights (eq. 6 uses LwF's loss); several: searched as LwF's are",
+    )
+    p.add_argument("--lwf-val-fraction", type=float, default=0.1, help="the searches' val split fraction")
     p.add_argument("--lwf-warmup", type=int, default=1, help="LwF epochs training the new head alone")
     p.add_argument(
         "--dvn-options",
         default="{}",
-        help="extra JSON `method:` options for dvn, e.g. '{\"old_bn\": \"recorded\"}'",
+        help='extra JSON `method:` options for dvn, e.g. \'{"old_bn": "recorded"}\'',
     )
     args = p.parse_args()
-    lambdas = [float(v) for v in args.lwf_lambdas.split(",")]
+    grids = {
+        "lwf": [float(v) for v in args.lwf_lambdas.split(",")],
+        "dvn": [float(v) for v in args.dvn_lambdas.split(",")],
+    }
     torch.set_num_threads(args.threads)
 
     data = {
@@ -75,16 +83,18 @@ def main() -> None:
     train = sgd_train(args)
     work = Path(args.work_dir or "runs/bench/dvn_s1")
     options = {
-        "dvn": {"mode": "sequential", **json.loads(args.dvn_options)},
-        "lwf": {"distill_weight": lambdas[0], "warmup_epochs": args.lwf_warmup},
+        "dvn": {"mode": "sequential", "distill_weight": grids["dvn"][0], **json.loads(args.dvn_options)},
+        "lwf": {"distill_weight": grids["lwf"][0], "warmup_epochs": args.lwf_warmup},
         "feature_extraction": {},
         "finetune": {},
     }
-    rows, final, search = [], {}, None
+    rows, final, searches = [], {}, {}
     for name in args.methods.split(","):
-        if name == "lwf" and len(lambdas) > 1:
-            r, run, search = search_lwf(args, data, model, train, work, lambdas)
-            rows += search["rows"]
+        if name in grids and len(grids[name]) > 1:
+            r, run, searches[name] = search_lambda(
+                name, args, data, model, train, work, grids[name], options[name]
+            )
+            rows += searches[name]["rows"]
         else:
             r, run = run_method(
                 name,
@@ -146,20 +156,20 @@ def main() -> None:
             "epochs_per_task": args.epochs,
             "train_size_per_task": args.train_size,
             "lwf_warmup_epochs": args.lwf_warmup,
-            **(
-                {
-                    "lwf_search": {
-                        "lambdas": lambdas,
-                        "val_fraction": args.lwf_val_fraction,
-                        "selection": "mean val accuracy over both tasks after the sequence (test never "
-                        "used); rows with method 'lwf_search' hold every setting's val and test accuracy",
-                        "chosen": search["chosen"],
-                        "mean_val": search["mean_val"],
-                    }
+            "dvn_options": options["dvn"],
+            **{
+                f"{name}_search": {
+                    "lambdas": grids[name],
+                    "val_fraction": args.lwf_val_fraction,
+                    "selection": "mean val accuracy over every (task, level) after the sequence (test "
+                    f"never used); rows with method '{name}_search' hold every setting's val and test "
+                    "accuracy",
+                    "chosen": search["chosen"],
+                    "mean_val": search["mean_val"],
                 }
-                if search
-                else {"lwf_distill_weight": lambdas[0]}
-            ),
+                for name, search in searches.items()
+            },
+            **{f"{name}_distill_weight": grids[name][0] for name in grids if name not in searches},
         },
         claims=claims(rows),
     )
@@ -168,24 +178,28 @@ def main() -> None:
     print(text)
 
 
-def search_lwf(
+def search_lambda(
+    name: str,
     args: Any,
     data: dict[str, Any],
     model: dict[str, Any],
     train: dict[str, Any],
     work: Path,
     lambdas: list[float],
+    options: dict[str, Any],
 ) -> tuple[list[dict[str, Any]], Any, dict[str, Any]]:
-    """LwF once per lambda on the tasks with a val split (--lwf-val-fraction of each training set, seeded
-    by the run seed); returns the chosen run's final rows (method 'lwf'), the run, and the search (rows
-    with method 'lwf_search': val and test accuracy per (lambda, task); the chosen lambda)."""
+    """Method ``name`` (LwF or sequential DVN) once per distillation weight lambda on the tasks with a val
+    split (--lwf-val-fraction of each training set, seeded by the run seed); the lambda of the highest
+    mean val accuracy over every (task, level) after the sequence is chosen. Returns the chosen run's final
+    rows (method ``name``), the run, and the search (rows with method '<name>_search': val and test
+    accuracy per (lambda, task, level); the chosen lambda)."""
     vdata = {**data, "val_fraction": args.lwf_val_fraction}
     vts = build_taskset(DataConfig.model_validate(vdata), args.seed)
     found, runs, mean_val = [], {}, {}
     for lam in lambdas:
         try:
             r, run = run_method(
-                "lwf",
+                name,
                 "S1",
                 vdata,
                 model,
@@ -193,20 +207,20 @@ def search_lwf(
                 work,
                 args.seed,
                 taskset=vts,
-                options={"distill_weight": lam, "warmup_epochs": args.lwf_warmup},
-                label=f"lwf_lambda{lam:g}",
+                options={**options, "distill_weight": lam},
+                label=f"{name}_lambda{lam:g}",
                 threads=args.threads,
             )
         except TrainingError as e:  # a diverging setting is recorded, never chosen; the search goes on
-            print(f"lwf_lambda{lam:g}: diverged: {e}", flush=True)
+            print(f"{name}_lambda{lam:g}: diverged: {e}", flush=True)
             mean_val[lam] = None
             for t in vts.names:
                 found.append(
                     {
                         "task": t,
-                        "level": 1,
+                        "level": None,
                         "accuracy": None,
-                        "method": "lwf_search",
+                        "method": f"{name}_search",
                         "scenario": "S1",
                         "stage": "search",
                         "distill_weight": lam,
@@ -216,7 +230,7 @@ def search_lwf(
                 )
             continue
         val = {
-            x["task"]: x["accuracy"]
+            (x["task"], x["level"]): x["accuracy"]
             for x in evaluate(run.method, run.model, vts, split="val", tasks=vts.names)
         }
         mean_val[lam] = statistics.fmean(val.values())
@@ -225,25 +239,25 @@ def search_lwf(
             found.append(
                 {
                     **{k: x[k] for k in ("task", "level", "accuracy", "params", "flops", "train_seconds")},
-                    "method": "lwf_search",
+                    "method": f"{name}_search",
                     "scenario": "S1",
                     "stage": "search",
                     "distill_weight": lam,
-                    "val_accuracy": val[x["task"]],
+                    "val_accuracy": val[(x["task"], x["level"])],
                 }
             )
     finite = [lam for lam in lambdas if mean_val[lam] is not None]
     if not finite:
-        raise SystemExit(f"dvn_s1: LwF diverged for every lambda of {lambdas}")
+        raise SystemExit(f"dvn_s1: {name} diverged for every lambda of {lambdas}")
     best = max(finite, key=lambda lam: mean_val[lam])  # the first of equals: the grid's order
-    cost = {(x["task"], x["level"]): x for x in runs[best][0]}
+    cost = {x["task"]: x for x in runs[best][0]}  # the task's largest level (the last row of a task)
     for x in found:
         if "params" not in x:  # a diverged setting: the same network as every other lambda's
-            x.update({k: cost[(x["task"], x["level"])][k] for k in ("params", "flops")})
+            x.update({k: cost[x["task"]][k] for k in ("level", "params", "flops")})
         x["mean_val_accuracy"] = mean_val[x["distill_weight"]]
         x["chosen"] = x["distill_weight"] == best
     r, run = runs[best]
-    r = [{**x, "method": "lwf", "distill_weight": best} for x in r]
+    r = [{**x, "method": name, "distill_weight": best} for x in r]
     return r, run, {"rows": found, "chosen": best, "mean_val": {f"{k:g}": v for k, v in mean_val.items()}}
 
 
@@ -280,15 +294,17 @@ def claims(rows: list[dict], meta: dict | None = None) -> list[dict]:
             None if lwf_new is None or d_new is None else d_new - lwf_new,
         )
     )
-    found = [r for r in rows if r["method"] == "lwf_search"]
-    if found:
+    for name, title in (("lwf", "LwF"), ("dvn", "DVN")):
+        found = [r for r in rows if r["method"] == f"{name}_search"]
+        if not found:
+            continue
         mean_val = {r["distill_weight"]: r["mean_val_accuracy"] for r in found}
         chosen = next(r["distill_weight"] for r in found if r["chosen"])
         out.append(
             text_claim(
-                "dvn_s1.lwf.chosen_on_val",
-                f"LwF's lambda chosen by the mean val accuracy over both tasks after the sequence among "
-                f"{sorted(mean_val)} (test never used); measured: the chosen lambda",
+                f"dvn_s1.{name}.chosen_on_val",
+                f"{title}'s lambda chosen by the mean val accuracy over every (task, level) after the "
+                f"sequence among {sorted(mean_val)} (test never used); measured: the chosen lambda",
                 "the lambda of the highest mean val accuracy",
                 chosen,
                 mean_val[chosen] == max(v for v in mean_val.values() if v is not None),
