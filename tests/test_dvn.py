@@ -291,7 +291,7 @@ def test_sequential_old_bn_recorded_keeps_the_old_levels_statistics_and_later_ra
     from virtnet.methods.common.distill import task_norms
 
     ts = make_taskset()
-    for old_bn in ("recorded", "batch"):
+    for old_bn in ("recorded", "batch", "batch_keep"):
         method, model = build(specs=api.task_specs(ts), mode="sequential", old_bn=old_bn, later_lr_scale=0.25)
         phases = method.phases(ts.names)
         tr = Trainer(method, model, ts, cfg(epochs=1), 0, None, log=lambda s: None)
@@ -308,9 +308,32 @@ def test_sequential_old_bn_recorded_keeps_the_old_levels_statistics_and_later_ra
             k: any(not torch.equal(a, bn.running_mean) for a, bn in zip(before[k], v, strict=True))
             for k, v in norms.items()
         }
-        # the old task's recorded level keeps its statistics only with "recorded"; its new level (no
-        # statistics recorded yet) follows the new data either way
+        # the old task's recorded level keeps its statistics with "recorded" and "batch_keep"; its new level
+        # (no statistics recorded yet) follows the new data in every mode
         assert moved == {"t0/1": old_bn == "batch", "t0/2": True}
+
+
+def test_sequential_teacher_bn_batch_matches_the_student_at_the_start():
+    from virtnet.data.loader import MultiTaskLoader
+
+    ts = make_taskset()
+    for teacher_bn, zero in (("batch", True), ("recorded", False)):
+        method, model = build(specs=api.task_specs(ts), mode="sequential", teacher_bn=teacher_bn)
+        phases = method.phases(ts.names)
+        tr = Trainer(method, model, ts, cfg(epochs=1), 0, None, log=lambda s: None)
+        tr._run_phase(phases[0], None)
+        method.on_phase_start(model, phases[1])
+        model.train()
+        b = next(MultiTaskLoader(ts, 16, 0, augment=False).iterate(0))["t1"]
+        out = method.training_step(model, {"t1": b}, phases[1])
+        with torch.no_grad():  # the distillation term minus the target's entropy: 0 when they agree
+            method._teacher.train()
+            t = method._teacher(b.x, "t0", method._teacher.route("t0", 1))
+            from virtnet.methods.common.distill import distillation_loss
+
+            own = distillation_loss(t, t, 2.0)
+        gap = float(out["distill/t0@1"] - own)
+        assert (abs(gap) < 1e-5) == zero, (teacher_bn, gap)
 
 
 def test_sequential_warmup_leaves_the_old_levels_bit_identical_then_distills():

@@ -30,7 +30,12 @@ from virtnet.backbones.base import TaskSpec
 from virtnet.data.core import Batch
 from virtnet.errors import ConfigError
 from virtnet.methods.base import Phase, register
-from virtnet.methods.common.distill import as_input_of, distillation_loss, frozen_copy, set_task_bn_eval
+from virtnet.methods.common.distill import (
+    as_input_of,
+    distillation_loss,
+    frozen_copy,
+    task_norms,
+)
 from virtnet.methods.common.unit_method import LevelsConfig, UnitMethod
 from virtnet.methods.common.units import check_order, rule_orders
 from virtnet.methods.common.virtual import VirtualNet, level_key
@@ -46,7 +51,12 @@ class DVNConfig(LevelsConfig):
     distill_weight: float = Field(default=1.0, ge=0.0)  # sequential: weight of the distillation terms
     # sequential: the old tasks' levels that existed before the new task normalise with the statistics they
     # recorded (as the frozen teacher does), or with the new data's batch statistics (updating theirs)
-    old_bn: Literal["recorded", "batch"] = "batch"
+    # ("batch_keep": batch statistics in training, the recorded ones kept for inference)
+    old_bn: Literal["recorded", "batch", "batch_keep"] = "batch"
+    # sequential: the teacher's old levels normalise the new data with the statistics they recorded
+    # ("recorded", the old network as it is evaluated) or with the new batch's statistics ("batch", the
+    # same normalisation as the student's with old_bn batch / batch_keep: identical outputs at the start)
+    teacher_bn: Literal["recorded", "batch"] = "recorded"
     later_lr_scale: float = Field(default=1.0, gt=0.0, le=1.0)  # sequential: later tasks train at lr x this
     # sequential: epochs training a new task with the old levels' weight blocks frozen (exactly: restored
     # after every step) before the distillation phase, as LwF warms up its new head (0: none, the paper)
@@ -174,23 +184,40 @@ class DVN(UnitMethod):
         batch norms normalise with batch statistics and update their running statistics on the new data;
         with ``old_bn: recorded`` the old levels keep the statistics they recorded on their own task (the
         function distilled is then the function evaluated), and the level the new unit adds, which has
-        recorded nothing, follows the new data.
+        recorded nothing, follows the new data; ``old_bn: batch_keep`` normalises with batch statistics
+        and puts the old levels' recorded statistics back after the step. ``teacher_bn: batch`` makes the
+        teacher normalise the new batch with its own statistics too.
         """
         assert self._teacher is not None
         teacher = self._teacher
         ((_, b),) = batches.items()
         total = torch.zeros(())
+        c = self.config
         for old in phase.info["learned"]:
             x = as_input_of(b.x, model.spec(old))
             old_levels = teacher.levels_of(old)
-            if self.config.old_bn == "recorded":
-                for part in (model.trunk, model.stem(old)):
-                    set_task_bn_eval(part, [level_key(old, lv) for lv in old_levels])
+            keys = [level_key(old, lv) for lv in old_levels]
+            parts = (model.trunk, model.stem(old))
+            norms = [bn for part in parts for k in keys for bn in task_norms(part, k)]
+            if c.old_bn == "recorded":
+                for bn in norms:
+                    bn.eval()
+            keep = c.old_bn == "batch_keep"
+            kept = [(bn, {k: v.clone() for k, v in bn.named_buffers()}) for bn in norms] if keep else []
             with torch.no_grad():
+                if c.teacher_bn == "batch":
+                    for part in (teacher.trunk, teacher.stem(old)):
+                        for k in keys:
+                            for bn in task_norms(part, k):
+                                bn.train()  # the teacher's buffers are never read in train mode
                 targets = {lv: teacher(x, old, teacher.route(old, lv)) for lv in old_levels}
             for lv in model.levels_of(old):
                 target = targets[min(lv, old_levels[-1])]
-                kd = distillation_loss(model(x, old, model.route(old, lv)), target, self.config.temperature)
+                kd = distillation_loss(model(x, old, model.route(old, lv)), target, c.temperature)
                 out[f"distill/{old}@{lv}"] = kd.detach()
                 total = total + self._level_weight(lv) * kd
+            with torch.no_grad():
+                for bn, saved in kept:
+                    for k, v in bn.named_buffers():
+                        v.copy_(saved[k])
         return total
