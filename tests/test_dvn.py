@@ -303,7 +303,7 @@ def test_sequential_old_bn_recorded_keeps_the_old_levels_statistics_and_later_ra
         before = {k: [bn.running_mean.clone() for bn in v] for k, v in norms.items()}
         model.train()
         batches = next(MultiTaskLoader(ts, 8, 0).iterate(0))
-        method.training_step(model, {"t1": batches["t1"]}, phases[1])
+        method.training_step(model, {"t1": batches["t1"]}, phases[1])["loss"].backward()  # no in-place error
         moved = {
             k: any(not torch.equal(a, bn.running_mean) for a, bn in zip(before[k], v, strict=True))
             for k, v in norms.items()

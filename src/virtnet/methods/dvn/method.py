@@ -203,7 +203,12 @@ class DVN(UnitMethod):
                 for bn in norms:
                     bn.eval()
             keep = c.old_bn == "batch_keep"
-            kept = [(bn, {k: v.clone() for k, v in bn.named_buffers()}) for bn in norms] if keep else []
+            # the forwards update copies of the old levels' statistics; the recorded ones are put back after
+            # (not copied into: autograd may hold them)
+            kept = [(bn, dict(bn.named_buffers())) for bn in norms] if keep else []
+            for bn, saved in kept:
+                for k, v in saved.items():
+                    setattr(bn, k, v.clone())
             with torch.no_grad():
                 if c.teacher_bn == "batch":
                     for part in (teacher.trunk, teacher.stem(old)):
@@ -216,8 +221,7 @@ class DVN(UnitMethod):
                 kd = distillation_loss(model(x, old, model.route(old, lv)), target, c.temperature)
                 out[f"distill/{old}@{lv}"] = kd.detach()
                 total = total + self._level_weight(lv) * kd
-            with torch.no_grad():
-                for bn, saved in kept:
-                    for k, v in bn.named_buffers():
-                        v.copy_(saved[k])
+            for bn, saved in kept:
+                for k, v in saved.items():
+                    setattr(bn, k, v)
         return total
