@@ -352,7 +352,9 @@ def test_sequential_warmup_leaves_the_old_levels_bit_identical_then_distills():
         old = model(x, "t0", model.route("t0", 1)).clone()
         new_before = model(x, "t1", model.route("t1", 2)).clone()
     tr._run_phase(phases[1], None)
-    assert int(model.active_units) == 2 and method._teacher is None
+    assert int(model.active_units) == 2
+    warm = [r for r in tr.history if r.get("event") == "train" and r.get("phase") == "warmup-t1"]
+    assert "distill/t0@2" in warm[-1] and "distill/t0@1" not in warm[-1]  # only the level the unit adds
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x, "t0", model.route("t0", 1)), old)  # weight decay and momentum included

@@ -58,8 +58,9 @@ class DVNConfig(LevelsConfig):
     # same normalisation as the student's with old_bn batch / batch_keep: identical outputs at the start)
     teacher_bn: Literal["recorded", "batch"] = "recorded"
     later_lr_scale: float = Field(default=1.0, gt=0.0, le=1.0)  # sequential: later tasks train at lr x this
-    # sequential: epochs training a new task with the old levels' weight blocks frozen (exactly: restored
-    # after every step) before the distillation phase, as LwF warms up its new head (0: none, the paper)
+    # sequential: epochs training a new task, and distilling the levels its unit adds to the old tasks,
+    # with the old levels' weight blocks frozen (exactly: restored after every step) before eq. 6 trains
+    # every unit, as LwF warms up its new head (0: none, the paper)
     warmup_epochs: int = Field(default=0, ge=0)
 
 
@@ -135,20 +136,23 @@ class DVN(UnitMethod):
         if self.config.mode != "sequential":
             return
         learned = phase.info["learned"]
-        if learned and not phase.info.get("warmup"):
+        if learned:
             self._teacher = frozen_copy(model)  # before the new unit joins: the old network
             self._teacher.active_units.fill_(len(learned))
         model.active_units.fill_(len(learned) + 1)  # the new task's unit joins the network
         if learned and phase.info.get("warmup"):
-            # what the old tasks' levels read of the trunk (the old units' blocks) stays exactly as it is
-            trunk = dict(model.trunk.named_parameters())
-            masks: dict[str, torch.Tensor] = {}
-            for old in learned:
-                for lv in range(1, len(learned) + 1):
-                    if lv in model.offered[old]:
-                        for name, m in usage(model.trunk, model.route(old, lv)).items():
+            # what the old tasks' levels read of the trunk and their stems (the old units' blocks) stays
+            # exactly as it is; their heads and batch norms are not run in a warm-up
+            frozen = []
+            for part in [model.trunk, *dict.fromkeys(model.stem(t) for t in learned)]:
+                params = dict(part.named_parameters())
+                masks: dict[str, torch.Tensor] = {}
+                for old in learned:
+                    for lv in self._teacher.levels_of(old):
+                        for name, m in usage(part, model.route(old, lv)).items():
                             masks[name] = masks[name] | m if name in masks else m.clone()
-            self._frozen = [(trunk[n], m, trunk[n].detach().clone()) for n, m in masks.items()]
+                frozen += [(params[n], m, params[n].detach().clone()) for n, m in masks.items()]
+            self._frozen = frozen
 
     def after_step(self, model: nn.Module, phase: Phase) -> None:
         """Warm-up: put the old levels' blocks back (momentum and weight decay must not move them)."""
@@ -197,6 +201,7 @@ class DVN(UnitMethod):
             x = as_input_of(b.x, model.spec(old))
             old_levels = teacher.levels_of(old)
             keys = [level_key(old, lv) for lv in old_levels]
+            warmup = bool(phase.info.get("warmup"))  # the old levels are frozen: only the added ones learn
             parts = (model.trunk, model.stem(old))
             norms = [bn for part in parts for k in keys for bn in task_norms(part, k)]
             if c.old_bn == "recorded":
@@ -217,6 +222,8 @@ class DVN(UnitMethod):
                                 bn.train()  # the teacher's buffers are never read in train mode
                 targets = {lv: teacher(x, old, teacher.route(old, lv)) for lv in old_levels}
             for lv in model.levels_of(old):
+                if warmup and lv in old_levels:
+                    continue  # frozen and equal to the teacher's: the term is constant
                 target = targets[min(lv, old_levels[-1])]
                 kd = distillation_loss(model(x, old, model.route(old, lv)), target, c.temperature)
                 out[f"distill/{old}@{lv}"] = kd.detach()
