@@ -41,30 +41,51 @@ def read(path: str) -> dict[str, Any]:
     return doc
 
 
+def accuracy_rows(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (method, scenario, task, level, stage) found with an accuracy in every file: the mean accuracy
+    (``accuracy``), its sample standard deviation and the per-seed values; costs from the first file."""
+
+    def key(r: dict[str, Any]) -> tuple:
+        return (r.get("method"), r.get("scenario"), r.get("task"), r.get("level"), r.get("stage"))
+
+    tables = [{key(r): r for r in d["rows"] if isinstance(r.get("accuracy"), (int, float))} for d in docs]
+    out = []
+    for k, first in tables[0].items():
+        if not all(k in t for t in tables[1:]):
+            continue
+        values = [t[k]["accuracy"] for t in tables]
+        row = {
+            x: first[x]
+            for x in ("method", "scenario", "task", "level", "stage", "params", "flops")
+            if x in first
+        }
+        row["accuracy"] = round(statistics.fmean(values), 2)
+        row["accuracy_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+        row["accuracy_per_seed"] = values
+        out.append(row)
+    return out
+
+
 def combine(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The rows (per claim and seed, then per claim the mean and sd) and the combined claims."""
+    """The rows (:func:`accuracy_rows`) and the combined claims (each with its ``per_seed`` values)."""
     seeds = [d["seed"] for d in docs]
     by_id = [{c["id"]: c for c in d["claims"]} for d in docs]
     ids = [i for i in by_id[0] if all(i in b for b in by_id[1:])]
-    rows: list[dict[str, Any]] = []
     claims: list[dict[str, Any]] = []
     for cid in ids:
         cs = [b[cid] for b in by_id]
         target = cs[0]["target"]
+        values = [c["measured"] for c in cs]
         if isinstance(target, dict):
-            values = [c["measured"] for c in cs]
-            for s, v in zip(seeds, values, strict=True):
-                rows.append({"claim": cid, "seed": s, "measured": v})
-            if any(not isinstance(v, (int, float)) for v in values):
-                claims.append(
-                    claim(
-                        cid,
-                        cs[0]["statement"] + " [a seed has no measurement]",
-                        target["op"],
-                        target["value"],
-                        None,
-                    )
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+                c = claim(
+                    cid,
+                    cs[0]["statement"] + " [a seed has no measurement]",
+                    target["op"],
+                    target["value"],
+                    None,
                 )
+                claims.append({**c, "per_seed": values})
                 continue
             mean = statistics.fmean(values)
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -75,28 +96,25 @@ def combine(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict
                 measured = max(mean, max(values) - sd)
             else:
                 measured = mean if all(v == target["value"] for v in values) else None
-            rows.append({"claim": cid, "seed": "mean", "measured": round(mean, 6), "sd": round(sd, 6)})
             statement = (
                 f"{cs[0]['statement']} — over seeds {seeds}: mean {mean:.4g} ± {sd:.4g} (per seed "
                 f"{', '.join(f'{v:.4g}' for v in values)}); measured = the mean bounded by the worst seed "
                 "moved one sd towards the target (met: the mean meets it and no seed misses it by more "
                 "than one sd)"
             )
-            claims.append(claim(cid, statement, op, target["value"], measured))
+            c = claim(cid, statement, op, target["value"], measured)
+            claims.append({**c, "mean": round(mean, 6), "sd": round(sd, 6), "per_seed": values})
         else:
             n_met = sum(bool(c["met"]) for c in cs)
-            for s, c in zip(seeds, cs, strict=True):
-                rows.append({"claim": cid, "seed": s, "measured": c["measured"], "met": c["met"]})
-            claims.append(
-                text_claim(
-                    cid,
-                    f"{cs[0]['statement']} — at every seed of {seeds}",
-                    target,
-                    f"{n_met} of {len(cs)} seeds",
-                    n_met == len(cs),
-                )
+            c = text_claim(
+                cid,
+                f"{cs[0]['statement']} — at every seed of {seeds}",
+                target,
+                f"{n_met} of {len(cs)} seeds",
+                n_met == len(cs),
             )
-    return rows, claims
+            claims.append({**c, "per_seed": values})
+    return accuracy_rows(docs), claims
 
 
 def main() -> None:

@@ -238,7 +238,7 @@ def test_write_claims_refuses_duplicate_ids(tmp_path):
 def test_seeds_combines_claims_by_issue_15s_rule(tmp_path):
     import seeds
 
-    def doc(seed, gap, ratio, chosen_met):
+    def doc(seed, gap, ratio, chosen_met, acc=90.0):
         return {
             "benchmark": "b",
             "seed": seed,
@@ -247,20 +247,52 @@ def test_seeds_combines_claims_by_issue_15s_rule(tmp_path):
                 claim("b.ratio", "ratio", "<=", 0.8, ratio),
                 text_claim("b.chosen", "chosen on val", "the best val setting", 1, chosen_met),
             ],
-            "rows": [],
+            "rows": [
+                {
+                    "method": "m",
+                    "scenario": "s",
+                    "task": "t",
+                    "level": 1,
+                    "accuracy": acc,
+                    "params": 7,
+                    "flops": 9,
+                },
+                {
+                    "method": "m",
+                    "scenario": "s",
+                    "task": "u",
+                    "level": 1,
+                    "accuracy": None,
+                    "params": 7,
+                    "flops": 9,
+                },
+            ],
         }
 
     # gaps 0.2, 0.0, -0.5: mean -0.1 meets >= -0.3; sd = 0.3606, worst + sd = -0.1394 >= -0.3 -> met
     # ratios 0.5, 0.6, 1.0: mean 0.7 meets <= 0.8; sd 0.2646, worst - sd = 0.7354 -> met = max(0.7, 0.7354)
-    rows, claims = seeds.combine([doc(0, 0.2, 0.5, True), doc(1, 0.0, 0.6, True), doc(2, -0.5, 1.0, False)])
+    docs = [doc(0, 0.2, 0.5, True, 90.0), doc(1, 0.0, 0.6, True, 91.0), doc(2, -0.5, 1.0, False, 95.0)]
+    rows, claims = seeds.combine(docs)
     by = {c["id"]: c for c in claims}
     assert by["b.gap"]["measured"] == pytest.approx(-0.5 + 0.360555, abs=1e-6) and by["b.gap"]["met"]
+    assert by["b.gap"]["per_seed"] == [0.2, 0.0, -0.5] and by["b.gap"]["mean"] == pytest.approx(-0.1)
     assert by["b.ratio"]["measured"] == pytest.approx(1.0 - 0.264575, abs=1e-6) and by["b.ratio"]["met"]
     assert by["b.chosen"]["measured"] == "2 of 3 seeds" and not by["b.chosen"]["met"]
+    # rows: the mean accuracy of each output measured at every seed (92.0 +- 2.65)
+    assert rows == [
+        {
+            "method": "m",
+            "scenario": "s",
+            "task": "t",
+            "level": 1,
+            "params": 7,
+            "flops": 9,
+            "accuracy": 92.0,
+            "accuracy_sd": 2.65,
+            "accuracy_per_seed": [90.0, 91.0, 95.0],
+        }
+    ]
     # one seed far off: the mean meets the target, the worst seed misses by more than one sd -> not met
     _, claims = seeds.combine([doc(s, g, 0.5, True) for s, g in enumerate([1.0, 1.0, 1.0, 1.0, -2.0])])
     gap = next(c for c in claims if c["id"] == "b.gap")
     assert sum([1.0, 1.0, 1.0, 1.0, -2.0]) / 5 >= -0.3 and not gap["met"]
-    mean_rows = [r for r in rows if r["seed"] == "mean"]
-    assert [r["claim"] for r in mean_rows] == ["b.gap", "b.ratio"]
-    assert mean_rows[0]["measured"] == pytest.approx(-0.1)
