@@ -5,6 +5,8 @@ batch norm keyed by task (each task's running statistics kept apart from the new
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,23 @@ def set_task_bn_eval(module: nn.Module, keys: list[str]) -> None:
             bn.eval()
 
 
+@contextmanager
+def statistics_kept(norms: Sequence[nn.Module]) -> Iterator[None]:
+    """Batch norms ``norms`` normalise as their mode says inside the block, but their running statistics
+    are the same after it: the forwards update copies, and the recorded buffers are put back (swapped,
+    not copied into, since autograd may hold the copies)."""
+    kept = [(bn, dict(bn.named_buffers())) for bn in norms]
+    for bn, saved in kept:
+        for k, v in saved.items():
+            setattr(bn, k, v.clone())
+    try:
+        yield
+    finally:
+        for bn, saved in kept:
+            for k, v in saved.items():
+                setattr(bn, k, v)
+
+
 @torch.no_grad()
 def copy_task_bn(module: nn.Module, src: str, dst: str) -> None:
     """Start configuration ``dst``'s private batch norms as ``src``'s (statistics, batch count and, when
@@ -96,5 +115,6 @@ __all__ = [
     "install_task_bn",
     "set_bn_eval",
     "set_task_bn_eval",
+    "statistics_kept",
     "task_norms",
 ]

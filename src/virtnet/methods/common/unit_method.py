@@ -8,6 +8,7 @@ adds its freezing of earlier groups.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -20,7 +21,33 @@ from virtnet.data.core import Batch
 from virtnet.errors import ConfigError
 from virtnet.methods.base import Level, Method, MethodConfig, Phase, task_loss
 from virtnet.methods.common.virtual import VirtualNet
+from virtnet.nn import Route, usage
 from virtnet.nn.compact import compact
+
+#: entries kept fixed while a phase trains: (parameter, mask of the kept entries, their values)
+FrozenBlocks = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def freeze_blocks(parts: Iterable[nn.Module], routes: Iterable[Route]) -> FrozenBlocks:
+    """The entries of ``parts``' parameters that any of ``routes`` reads (the weight blocks between its
+    units), with their current values, for :func:`restore_blocks`."""
+    routes = list(routes)
+    frozen: FrozenBlocks = []
+    for part in dict.fromkeys(parts):
+        params = dict(part.named_parameters())
+        masks: dict[str, torch.Tensor] = {}
+        for route in routes:
+            for name, m in usage(part, route).items():
+                masks[name] = masks[name] | m if name in masks else m.clone()
+        frozen += [(params[n], m, params[n].detach().clone()) for n, m in masks.items()]
+    return frozen
+
+
+@torch.no_grad()
+def restore_blocks(frozen: FrozenBlocks) -> None:
+    """Put the frozen entries back after an optimizer step: momentum and weight decay must not move them."""
+    for p, mask, saved in frozen:
+        p.copy_(torch.where(mask, saved, p))
 
 
 class UnitsConfig(MethodConfig):
@@ -139,4 +166,12 @@ class UnitMethod(Method):
         return compact(model.task_network(task, lv.index), lv.route)
 
 
-__all__ = ["LevelsConfig", "UnitMethod", "UnitsConfig", "build_virtual"]
+__all__ = [
+    "FrozenBlocks",
+    "LevelsConfig",
+    "UnitMethod",
+    "UnitsConfig",
+    "build_virtual",
+    "freeze_blocks",
+    "restore_blocks",
+]

@@ -34,12 +34,18 @@ from virtnet.methods.common.distill import (
     as_input_of,
     distillation_loss,
     frozen_copy,
+    statistics_kept,
     task_norms,
 )
-from virtnet.methods.common.unit_method import LevelsConfig, UnitMethod
+from virtnet.methods.common.unit_method import (
+    FrozenBlocks,
+    LevelsConfig,
+    UnitMethod,
+    freeze_blocks,
+    restore_blocks,
+)
 from virtnet.methods.common.units import check_order, rule_orders
 from virtnet.methods.common.virtual import VirtualNet, level_key
-from virtnet.nn import usage
 
 
 class DVNConfig(LevelsConfig):
@@ -74,7 +80,7 @@ class DVN(UnitMethod):
     def __init__(self, config: DVNConfig | None = None) -> None:
         super().__init__(config)
         self._teacher: nn.Module | None = None  # sequential: the network before the current task
-        self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # warm-up: kept blocks
+        self._frozen: FrozenBlocks = []  # warm-up: the old levels' blocks, kept exactly
 
     # ---- building ----------------------------------------------------------------------------------
     def num_units(self, specs: list[TaskSpec]) -> int:
@@ -126,8 +132,8 @@ class DVN(UnitMethod):
         return out
 
     def varying_parameters(self, phase: Phase) -> bool:
-        # sequential: the optimizer holds every parameter; the old tasks' stems and heads get no gradient
-        # from the new task's losses during a warm-up
+        # sequential: the optimizer holds every head, and the heads of tasks not learned yet (and, in a
+        # warm-up, the old levels' heads) get no gradient
         return self.config.mode == "sequential"
 
     def on_phase_start(self, model: nn.Module, phase: Phase) -> None:
@@ -139,26 +145,26 @@ class DVN(UnitMethod):
         if learned:
             self._teacher = frozen_copy(model)  # before the new unit joins: the old network
             self._teacher.active_units.fill_(len(learned))
+            if self.config.teacher_bn == "batch":  # the old levels normalise each batch with its statistics
+                for old in learned:
+                    for bn in self._old_norms(self._teacher, old):
+                        bn.train()  # a teacher's buffers are never read in train mode
         model.active_units.fill_(len(learned) + 1)  # the new task's unit joins the network
         if learned and phase.info.get("warmup"):
             # what the old tasks' levels read of the trunk and their stems (the old units' blocks) stays
             # exactly as it is; their heads and batch norms are not run in a warm-up
-            frozen = []
-            for part in [model.trunk, *dict.fromkeys(model.stem(t) for t in learned)]:
-                params = dict(part.named_parameters())
-                masks: dict[str, torch.Tensor] = {}
-                for old in learned:
-                    for lv in self._teacher.levels_of(old):
-                        for name, m in usage(part, model.route(old, lv)).items():
-                            masks[name] = masks[name] | m if name in masks else m.clone()
-                frozen += [(params[n], m, params[n].detach().clone()) for n, m in masks.items()]
-            self._frozen = frozen
+            routes = [model.route(old, lv) for old in learned for lv in self._teacher.levels_of(old)]
+            self._frozen = freeze_blocks([model.trunk, *(model.stem(t) for t in learned)], routes)
 
     def after_step(self, model: nn.Module, phase: Phase) -> None:
         """Warm-up: put the old levels' blocks back (momentum and weight decay must not move them)."""
-        with torch.no_grad():
-            for p, mask, saved in self._frozen:
-                p.copy_(torch.where(mask, saved, p))
+        restore_blocks(self._frozen)
+
+    def _old_norms(self, model: VirtualNet, old: str) -> list[nn.Module]:
+        """The private batch norms (trunk and stem) of old task ``old``'s levels the teacher has."""
+        assert self._teacher is not None
+        keys = [level_key(old, lv) for lv in self._teacher.levels_of(old)]
+        return [bn for part in (model.trunk, model.stem(old)) for k in keys for bn in task_norms(part, k)]
 
     def param_groups(self, model: nn.Module, phase: Phase) -> list[dict[str, Any]]:
         groups = super().param_groups(model, phase)
@@ -197,38 +203,22 @@ class DVN(UnitMethod):
         ((_, b),) = batches.items()
         total = torch.zeros(())
         c = self.config
+        warmup = bool(phase.info.get("warmup"))  # the old levels are frozen: only the added ones learn
         for old in phase.info["learned"]:
             x = as_input_of(b.x, model.spec(old))
             old_levels = teacher.levels_of(old)
-            keys = [level_key(old, lv) for lv in old_levels]
-            warmup = bool(phase.info.get("warmup"))  # the old levels are frozen: only the added ones learn
-            parts = (model.trunk, model.stem(old))
-            norms = [bn for part in parts for k in keys for bn in task_norms(part, k)]
+            norms = self._old_norms(model, old) if c.old_bn != "batch" else []
             if c.old_bn == "recorded":
                 for bn in norms:
                     bn.eval()
-            keep = c.old_bn == "batch_keep"
-            # the forwards update copies of the old levels' statistics; the recorded ones are put back after
-            # (not copied into: autograd may hold them)
-            kept = [(bn, dict(bn.named_buffers())) for bn in norms] if keep else []
-            for bn, saved in kept:
-                for k, v in saved.items():
-                    setattr(bn, k, v.clone())
             with torch.no_grad():
-                if c.teacher_bn == "batch":
-                    for part in (teacher.trunk, teacher.stem(old)):
-                        for k in keys:
-                            for bn in task_norms(part, k):
-                                bn.train()  # the teacher's buffers are never read in train mode
                 targets = {lv: teacher(x, old, teacher.route(old, lv)) for lv in old_levels}
-            for lv in model.levels_of(old):
-                if warmup and lv in old_levels:
-                    continue  # frozen and equal to the teacher's: the term is constant
-                target = targets[min(lv, old_levels[-1])]
-                kd = distillation_loss(model(x, old, model.route(old, lv)), target, c.temperature)
-                out[f"distill/{old}@{lv}"] = kd.detach()
-                total = total + self._level_weight(lv) * kd
-            for bn, saved in kept:
-                for k, v in saved.items():
-                    setattr(bn, k, v)
+            with statistics_kept(norms if c.old_bn == "batch_keep" else []):
+                for lv in model.levels_of(old):
+                    if warmup and lv in old_levels:
+                        continue  # frozen and equal to the teacher's: the term is constant
+                    target = targets[min(lv, old_levels[-1])]
+                    kd = distillation_loss(model(x, old, model.route(old, lv)), target, c.temperature)
+                    out[f"distill/{old}@{lv}"] = kd.detach()
+                    total = total + self._level_weight(lv) * kd
         return total

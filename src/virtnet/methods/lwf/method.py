@@ -46,6 +46,7 @@ from virtnet.methods.common.distill import (
     install_task_bn,
     set_bn_eval,
     set_task_bn_eval,
+    statistics_kept,
     task_norms,
 )
 from virtnet.methods.common.sequential import SequentialConfig, SequentialMethod
@@ -61,7 +62,6 @@ class LwFConfig(SequentialConfig):
     old_bn: Literal["recorded", "batch"] = "recorded"  # old tasks' forwards: recorded or batch statistics
 
 
-_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 #: a later task's joint phase runs at train.lr times this when ``joint_lr`` is None (issue 15: at train.lr
 #: the recorded-statistics paths diverged; 1/10 was the best of 1, 0.4 and 0.1 on permuted MNIST)
 JOINT_LR_SCALE = 0.1
@@ -152,24 +152,17 @@ class LwF(SequentialMethod):
         out = {f"loss/{task}": loss.detach()}
         if self._teacher is not None:
             kd_total = torch.zeros((), dtype=loss.dtype)
-            kept = None
-            if self.config.task_bn != "shared" and self.config.old_bn == "batch":
-                # the old tasks' forwards update copies of their statistics; the recorded ones are put back
-                norms = [bn for t in learned for bn in task_norms(model, t)]
-                kept = [(bn, {k: getattr(bn, k) for k in _BN_BUFFERS}) for bn in norms]
-                for bn, st in kept:
-                    for k, v in st.items():
-                        setattr(bn, k, v.clone())
-            for old in learned:
-                x = as_input_of(b.x, model.spec(old))
-                with torch.no_grad():
-                    target = self._teacher(x, old)
-                kd = distillation_loss(model(x, old), target, self.config.temperature)
-                out[f"distill/{old}"] = kd.detach()
-                kd_total = kd_total + kd
-            for bn, st in kept or ():
-                for k, v in st.items():
-                    setattr(bn, k, v)
+            # old_bn batch: the old tasks' forwards update copies of their statistics (recorded ones kept)
+            kept = self.config.task_bn != "shared" and self.config.old_bn == "batch"
+            norms = [bn for t in learned for bn in task_norms(model, t)] if kept else []
+            with statistics_kept(norms):
+                for old in learned:
+                    x = as_input_of(b.x, model.spec(old))
+                    with torch.no_grad():
+                        target = self._teacher(x, old)
+                    kd = distillation_loss(model(x, old), target, self.config.temperature)
+                    out[f"distill/{old}"] = kd.detach()
+                    kd_total = kd_total + kd
             loss = loss + self.config.distill_weight * kd_total
         out["loss"] = loss
         return out

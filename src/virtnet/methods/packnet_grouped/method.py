@@ -11,8 +11,13 @@ from virtnet.backbones.base import TaskSpec
 from virtnet.data.core import Batch
 from virtnet.errors import ConfigError
 from virtnet.methods.base import Phase, register, task_loss
-from virtnet.methods.common.unit_method import UnitMethod, UnitsConfig
-from virtnet.nn import usage
+from virtnet.methods.common.unit_method import (
+    FrozenBlocks,
+    UnitMethod,
+    UnitsConfig,
+    freeze_blocks,
+    restore_blocks,
+)
 
 
 class GroupedPackNetConfig(UnitsConfig):
@@ -32,7 +37,7 @@ class GroupedPackNet(UnitMethod):
 
     def __init__(self, config: GroupedPackNetConfig | None = None) -> None:
         super().__init__(config)
-        self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._frozen: FrozenBlocks = []
 
     def num_units(self, specs: list[TaskSpec]) -> int:
         k = self.config.num_units or len(specs)
@@ -58,11 +63,8 @@ class GroupedPackNet(UnitMethod):
         if not phase.info["learned"]:
             return
         prev = phase.info["learned"][-1]
-        trunk = dict(model.trunk.named_parameters())
         # what the previous task's level reads of the trunk: every weight block between its units
-        for name, mask in usage(model.trunk, model.route(prev)).items():
-            p = trunk[name]
-            self._frozen.append((p, mask, p.detach().clone()))
+        self._frozen = freeze_blocks([model.trunk], [model.route(prev)])
 
     def varying_parameters(self, phase: Phase) -> bool:
         return True  # its optimizer holds every parameter; those outside the task's route get no gradient
@@ -76,6 +78,4 @@ class GroupedPackNet(UnitMethod):
 
     def after_step(self, model: nn.Module, phase: Phase) -> None:
         """Put the frozen entries back: momentum and weight decay must not move them."""
-        with torch.no_grad():
-            for p, mask, saved in self._frozen:
-                p.copy_(torch.where(mask, saved, p))
+        restore_blocks(self._frozen)
