@@ -7,8 +7,8 @@ estimator with random structures, matched to DEN's mean FLOPs per task), all on 
 DEN rows: ``flops`` is the mean estimator FLOPs per instance (``max_flops``, ``selector_flops``,
 ``mean_flops_with_selector`` beside it), ``params`` the estimator's (``selector_params`` beside it).
 Baselines are trained for as many epochs as DEN's estimator stages in total (``stages x estimator
-epochs``). Plots: Fig. 6 (histogram of structures, mean level probability per block) for each rho, and
-accuracy against mean FLOPs.
+epochs``; ``--baseline-epochs`` to change). Plots: Fig. 6 (histogram of structures, mean level
+probability per block) for each rho, and accuracy against mean FLOPs.
 
 Run:  python benchmarks/den_m1.py [--epochs 4] [--stages 3] [--train-size 8000]   (about 1.5 hours on 2
       cores: 2 DENs of 3 x (4 + 2) epochs and 3 baselines of 12 epochs on 3 tasks)
@@ -44,7 +44,7 @@ def add_args(p: Any, epochs: int = 4, train_size: int = 8000) -> None:
     p.add_argument("--epochs", type=int, default=epochs, help="epochs per estimator stage")
     p.add_argument("--selector-epochs", type=int, default=None, help="epochs per selector stage (epochs / 2)")
     p.add_argument("--stages", type=int, default=3)
-    p.add_argument("--rhos", default="0.1,1")
+    p.add_argument("--rhos", default="0.1,1", help='comma-separated; "" trains the baselines only')
     p.add_argument("--train-size", type=int, default=train_size)
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--width", type=float, default=0.5)
@@ -52,6 +52,9 @@ def add_args(p: Any, epochs: int = 4, train_size: int = 8000) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--baselines", default="individual,nestednet,packnet-grouped")
+    p.add_argument(
+        "--baseline-epochs", type=int, default=None, help="the baselines' epochs (stages x epochs)"
+    )
     p.add_argument(
         "--stage-schedule", default="constant", choices=["constant", "step", "cosine"], help="within a stage"
     )
@@ -113,7 +116,8 @@ def run_scenario(name: str, scenario: str, data: dict[str, Any], args: Any, extr
     if args.smoke:
         train["max_steps_per_epoch"] = 2
     rows: list[dict[str, Any]] = []
-    rhos = [float(r) for r in args.rhos.split(",")]
+    rhos = [float(r) for r in args.rhos.split(",") if r]
+    base_epochs = args.baseline_epochs or args.epochs * args.stages
     den_runs = {}
     for rho in rhos:
         opts = {
@@ -145,12 +149,13 @@ def run_scenario(name: str, scenario: str, data: dict[str, Any], args: Any, extr
         )
     # the baselines on the same estimator, each on a copy whose batch norms are calibrated for its own
     # structures (as training calibrates the selector's): no row runs on statistics made for others
-    first = den_runs[rhos[0]]
-    full = SimpleNamespace(
-        model=calibrated(first.model, first.taskset, full_chooser(first.model), seed=args.seed),
-        taskset=first.taskset,
-    )
-    rows += den_rows(full, "den-full-estimator", scenario, full_chooser(full.model))
+    if rhos:
+        first = den_runs[rhos[0]]
+        full = SimpleNamespace(
+            model=calibrated(first.model, first.taskset, full_chooser(first.model), seed=args.seed),
+            taskset=first.taskset,
+        )
+        rows += den_rows(full, "den-full-estimator", scenario, full_chooser(full.model))
     for rho, run in den_runs.items():
         target = {r["task"]: r["flops"] for r in rows if r["method"] == f"den-rho{rho:g}"}
         rs_model = calibrated(
@@ -162,7 +167,7 @@ def run_scenario(name: str, scenario: str, data: dict[str, Any], args: Any, extr
             scenario,
             random_chooser(rs_model, target, args.seed),
         )
-    base_train = {**train, "epochs": args.epochs * args.stages, "schedule": "cosine"}
+    base_train = {**train, "epochs": base_epochs, "schedule": "cosine"}
     for m in [b for b in args.baselines.split(",") if b]:
         try:
             got, _ = run_method(
@@ -171,7 +176,7 @@ def run_scenario(name: str, scenario: str, data: dict[str, Any], args: Any, extr
             rows += got
         except Exception as e:  # noqa: BLE001 (a baseline that does not apply to the scenario)
             print(f"{m}: skipped ({type(e).__name__}: {str(e).splitlines()[0]})")
-    plot_accuracy_flops(
+    plot_accuracy_flops(  # an empty plot when only the baselines ran
         [
             {"task": r["task"], "mean_flops": r["flops"], "accuracy": r["accuracy"], "label": r["method"]}
             for r in rows
@@ -188,7 +193,7 @@ def run_scenario(name: str, scenario: str, data: dict[str, Any], args: Any, extr
         "backbone": f"resnet{args.depth} width {args.width}",
         "feature_size": args.feature_size,
         "smoke": args.smoke,
-        "baseline_epochs": args.epochs * args.stages,
+        "baseline_epochs": base_epochs,
     }
     stem = write_results(name, rows, args.seed, args.out, extra=meta, claims=claims(name, rows, rhos))
     for c in json.loads(Path(f"{stem}.json").read_text())["claims"]:
