@@ -58,6 +58,7 @@ def add_args(p: Any, epochs: int = 4, train_size: int = 8000) -> None:
     p.add_argument(
         "--stage-schedule", default="constant", choices=["constant", "step", "cosine"], help="within a stage"
     )
+    p.add_argument("--den-options", default="{}", help="more DEN options as JSON (docs/methods/den.md)")
     p.add_argument("--smoke", action="store_true", help="tiny settings (seconds), to check the script")
 
 
@@ -127,6 +128,7 @@ def run_scenario(name: str, scenario: str, data: dict[str, Any], args: Any, extr
             "selector_epochs": sel_epochs,
             "budget_levels": [1.0],
             "stage_schedule": args.stage_schedule,
+            **json.loads(args.den_options),
         }
         _, run = run_method(
             "den",
@@ -190,6 +192,7 @@ def run_scenario(name: str, scenario: str, data: dict[str, Any], args: Any, extr
         "epochs_per_selector_stage": sel_epochs,
         "stages": args.stages,
         "stage_schedule": args.stage_schedule,
+        "den_options": json.loads(args.den_options),
         "backbone": f"resnet{args.depth} width {args.width}",
         "feature_size": args.feature_size,
         "smoke": args.smoke,

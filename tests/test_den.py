@@ -230,6 +230,54 @@ def test_every_task_goes_through_the_shared_norms_in_one_forward(part):
     )
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_train_full_adds_the_full_structures_loss_after_the_first_stage(stage):
+    """``train_full``: an estimator step after stage 1 is the sampled structures' loss plus the full
+    structure's on the same instances, each equal to a forward of its own (eval mode: running statistics,
+    so the shared forward's batch does not matter); stage 1 (eq. 8 already favours the full structure)
+    and the default add nothing."""
+    from virtnet.data.core import Batch
+    from virtnet.methods.base import task_loss
+
+    method, model = build(train_full=True)
+    batches = {
+        s.name: Batch(s.name, inputs(s, n=6, seed=i), torch.arange(6) % s.num_outputs)
+        for i, s in enumerate(SPECS)
+    }
+    phase = method._phase(["a", "b"], 2 * (stage - 1))
+    moved_bn(model)  # eval mode from here: the step's norms use running statistics
+    torch.manual_seed(5)
+    out = method.training_step(model, batches, phase)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        if stage == 1:
+            z = {
+                t: initial_structures(6, model.num_blocks, model.num_levels, 0.75, torch.device("cpu"))
+                for t in batches
+            }
+        else:
+            logits = model.selector_logits_tasks({t: b.x for t, b in batches.items()})
+            z = {t: sample(log_probs(logits[t]), 1)[0][:, 0] for t in batches}
+    expected = torch.zeros(())
+    for t, b in batches.items():
+        with torch.no_grad():
+            sampled = task_loss(model(b.x, t, model.instance_route(t, z[t], masked=True)), b)
+            top = torch.full_like(z[t], model.num_levels - 1)
+            full = task_loss(model(b.x, t, model.instance_route(t, top, masked=True)), b)
+        torch.testing.assert_close(out[f"loss/{t}"], sampled, rtol=1e-5, atol=1e-6)
+        expected = expected + sampled
+        if stage > 1:
+            torch.testing.assert_close(out[f"loss/{t}/full"], full, rtol=1e-5, atol=1e-6)
+            expected = expected + full
+        else:
+            assert f"loss/{t}/full" not in out
+    torch.testing.assert_close(out["loss"].detach(), expected, rtol=1e-5, atol=1e-6)
+    assert out["loss"].requires_grad
+    default, plain = build()
+    moved_bn(plain)
+    assert not [k for k in default.training_step(plain, batches, phase) if k.endswith("/full")]
+
+
 def test_calibration_averages_the_structures_statistics_and_keeps_unused_private_norms():
     """start / forward / end calibration: the first shared norm's running mean is the mean of its two
     batches' means (cumulative average), its variance their unbiased variances' mean; a private norm of a

@@ -262,7 +262,8 @@ class DEN(Method):
     ) -> dict[str, torch.Tensor]:
         """The estimator on one structure per instance (stage 1: eq. 8; later: sampled from the selector),
         masked path; every task's batch through the trunk in one forward (shared batch norms see the task
-        mixture, as at inference: :meth:`ElasticNet.forward_tasks`)."""
+        mixture, as at inference: :meth:`ElasticNet.forward_tasks`). With ``train_full``, stages after the
+        first add the full structure's loss on the same instances (in the same forward)."""
         c = self.config
         model.selector.eval()
         tasks = list(batches)
@@ -277,12 +278,25 @@ class DEN(Method):
             else:
                 logits = model.selector_logits_tasks({t: batches[t].x for t in tasks})
                 z = {t: sample(log_probs(logits[t]), 1)[0][:, 0] for t in tasks}
-        out_logits = model.forward_tasks({t: batches[t].x for t in tasks}, z, masked=True)
+        xs = {t: batches[t].x for t in tasks}
+        both = c.train_full and stage > 1  # one trunk pass over [sampled; full] per task
+        if both:
+            xs = {t: torch.cat([x, x]) for t, x in xs.items()}
+            z = {t: torch.cat([zt, torch.full_like(zt, model.num_levels - 1)]) for t, zt in z.items()}
+        out_logits = model.forward_tasks(xs, z, masked=True)
         out: dict[str, torch.Tensor] = {}
         total = torch.zeros(())
         density = model.density_table()
         for t in tasks:
-            loss = task_loss(out_logits[t], batches[t])
+            if both:
+                sampled, full = out_logits[t].chunk(2)
+                loss = task_loss(sampled, batches[t])
+                full_loss = task_loss(full, batches[t])
+                out[f"loss/{t}/full"] = full_loss.detach()
+                total = total + full_loss
+                z[t] = z[t][: batches[t].x.shape[0]]
+            else:
+                loss = task_loss(out_logits[t], batches[t])
             out[f"loss/{t}"] = loss.detach()
             out[f"den/{t}/density"] = density.to(z[t].device).gather(1, z[t].t()).mean().detach()
             total = total + loss
