@@ -281,9 +281,11 @@ class DEN(Method):
         xs = {t: batches[t].x for t in tasks}
         both = c.train_full and stage > 1  # one trunk pass over [sampled; full] per task
         if both:
-            xs = {t: torch.cat([x, x]) for t, x in xs.items()}
-            z = {t: torch.cat([zt, torch.full_like(zt, model.num_levels - 1)]) for t, zt in z.items()}
-        out_logits = model.forward_tasks(xs, z, masked=True)
+            top = model.num_levels - 1
+            zs = {t: torch.cat([zt, torch.full_like(zt, top)]) for t, zt in z.items()}
+            out_logits = model.forward_tasks({t: torch.cat([x, x]) for t, x in xs.items()}, zs, masked=True)
+        else:
+            out_logits = model.forward_tasks(xs, z, masked=True)
         out: dict[str, torch.Tensor] = {}
         total = torch.zeros(())
         density = model.density_table()
@@ -294,7 +296,6 @@ class DEN(Method):
                 full_loss = task_loss(full, batches[t])
                 out[f"loss/{t}/full"] = full_loss.detach()
                 total = total + full_loss
-                z[t] = z[t][: batches[t].x.shape[0]]
             else:
                 loss = task_loss(out_logits[t], batches[t])
             out[f"loss/{t}"] = loss.detach()
