@@ -230,6 +230,77 @@ def test_every_task_goes_through_the_shared_norms_in_one_forward(part):
     )
 
 
+@pytest.mark.parametrize("task_bn", ["stats", "private"])
+def test_task_bn_gives_each_task_its_own_norms_on_tied_weights(task_bn, tmp_path):
+    """``task_bn``: task b runs its own trunk whose convolutions are task a's tensors (and with ``stats``
+    its norms' scales and shifts too); its norms' statistics are its own and see b's batch only; the
+    parameters counted once; saved and loaded (safetensors, each tensor once) to equal outputs; masked,
+    grouped and exported paths still agree."""
+    from virtnet.data.core import Batch
+    from virtnet.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+
+    method, model = build(task_bn=task_bn)
+    _, plain = build()
+    ta, tb = model.trunk_of("a"), model.trunk_of("b")
+    assert ta is model.trunk and tb is not ta
+    ba, bb = model.blocks()[0], tb.blocks[0]
+    assert ba.conv1.weight is bb.conv1.weight and ba.conv2.weight is bb.conv2.weight
+    assert (ba.bn1.weight is bb.bn1.weight) == (task_bn == "stats")
+    assert ba.bn1.running_mean is not bb.bn1.running_mean
+    norm_params = sum(
+        p.numel() for m in ta.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()
+    )
+    extra = 0 if task_bn == "stats" else norm_params
+    assert model.estimator_parameters() == plain.estimator_parameters() + extra
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters()) + extra
+    # an estimator step: each task's first inner norm sees that task's batch alone
+    sizes = {"a": 5, "b": 7}
+    batches = {
+        s.name: Batch(s.name, inputs(s, n=sizes[s.name], seed=i), torch.arange(sizes[s.name]) % s.num_outputs)
+        for i, s in enumerate(SPECS)
+    }
+    model.density_table()
+    model.train()
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    hooks = [
+        bn.register_forward_pre_hook(lambda m, args, t=t: seen[t].append(args[0].shape[0]))
+        for t, bn in (("a", ba.bn1), ("b", bb.bn1))
+    ]
+    try:
+        out = method.training_step(model, batches, method._phase(["a", "b"], 0))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {"a": [5], "b": [7]}
+    out["loss"].backward()
+    assert ba.conv1.weight.grad is not None
+    # saved once per tensor, loaded into a fresh model: identical outputs
+    moved_bn(model)
+    state = model.state_dict()
+    assert not any(k.startswith("task_trunks.") and ".conv" in k for k in state)
+    assert any(k.startswith("task_trunks.b.") and "running_mean" in k for k in state)
+    save_checkpoint(tmp_path / "m", state, {"kind": "test"})
+    _, fresh = build(task_bn=task_bn, seed=5)
+    load_model_state(fresh, load_checkpoint(tmp_path / "m").model_state)
+    fresh.eval()
+    assert fresh.trunk_of("b").blocks[0].conv1.weight is fresh.blocks()[0].conv1.weight
+    z = torch.randint(0, model.num_levels, (9, model.num_blocks), generator=torch.Generator().manual_seed(3))
+    for spec in SPECS:
+        x = inputs(spec)
+        with torch.no_grad():
+            masked = model(x, spec.name, model.instance_route(spec.name, z, masked=True))
+            grouped = model(x, spec.name, model.instance_route(spec.name, z))
+            assert torch.equal(fresh(x, spec.name, fresh.instance_route(spec.name, z)), grouped)
+            torch.testing.assert_close(masked, grouped, rtol=1e-5, atol=1e-5)
+            net = method.export_structure(model, spec.name, z[0])
+            torch.testing.assert_close(net(x[:1]), grouped[:1], rtol=1e-5, atol=1e-5)
+    # task b's statistics are its own: the same input through a and b differs (their norms differ)
+    xb = inputs(SPECS[1])
+    with torch.no_grad():
+        f = model.stem("b")(xb)
+        assert not torch.allclose(ta(f), tb(f))
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_train_full_adds_the_full_structures_loss_after_the_first_stage(stage):
     """``train_full``: an estimator step after stage 1 is the sampled structures' loss plus the full

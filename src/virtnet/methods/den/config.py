@@ -22,6 +22,7 @@ class DENConfig(MethodConfig):
     )  # epochs per estimator stage (None: train.epochs)
     selector_epochs: int | None = Field(default=None, ge=1)  # epochs per selector stage (None: train.epochs)
     train_full: bool = False  # estimator stages after the first also train the full structure (not the paper)
+    task_bn: Literal["shared", "stats", "private"] = "shared"  # the trunk's batch norms per task
     lr_decay: float = Field(default=0.1, gt=0, le=1)  # learning-rate factor per stage (both parts)
     stage_schedule: Literal["constant", "step", "cosine"] | None = "constant"  # within a stage
     selector_lr: float = Field(default=1e-3, gt=0)  # Adam's learning rate for the selector

@@ -120,6 +120,7 @@ class DEN(Method):
             c.budget_kind,
             (c.selector_width, c.selector_depth, size),
             c.max_states,
+            c.task_bn,
         )
 
     # ---- phases ------------------------------------------------------------------------------------
@@ -262,7 +263,8 @@ class DEN(Method):
     ) -> dict[str, torch.Tensor]:
         """The estimator on one structure per instance (stage 1: eq. 8; later: sampled from the selector),
         masked path; every task's batch through the trunk in one forward (shared batch norms see the task
-        mixture, as at inference: :meth:`ElasticNet.forward_tasks`). With ``train_full``, stages after the
+        mixture, as at inference: :meth:`ElasticNet.forward_tasks`; with ``task_bn`` not shared, each task
+        through its own trunk). With ``train_full``, stages after the
         first add the full structure's loss on the same instances (in the same forward)."""
         c = self.config
         model.selector.eval()

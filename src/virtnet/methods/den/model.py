@@ -54,6 +54,27 @@ class DENTaskNet(nn.Module):
         return call(self.head, call(self.trunk, call(self.stem, x, None), r), None)
 
 
+def tied_copy(trunk: nn.Module, tie_norms: bool) -> nn.Module:
+    """A copy of ``trunk`` whose parameters are ``trunk``'s own tensors (tied) except, unless
+    ``tie_norms``, its batch norms' scales and shifts; its batch norms' running statistics are its own."""
+    new = copy.deepcopy(trunk)
+    for (_, a), (_, b) in zip(trunk.named_modules(), new.named_modules(), strict=True):
+        if isinstance(a, nn.modules.batchnorm._BatchNorm) and not tie_norms:
+            continue
+        for n, p in a.named_parameters(recurse=False):
+            setattr(b, n, p)
+    return new
+
+
+def _fill_tied(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load pre-hook of :class:`ElasticNet`: the task trunks' tied parameters' entries, from the shared
+    trunk's (what its state dict leaves out)."""
+    assert isinstance(module, ElasticNet)
+    for n, ref in module._tied.items():
+        if prefix + n not in state and prefix + ref in state:
+            state[prefix + n] = state[prefix + ref]
+
+
 class ElasticNet(MultiTaskNet):
     """Estimator + selector (see the module docstring).
 
@@ -67,6 +88,11 @@ class ElasticNet(MultiTaskNet):
         budget_kind: what bounds them: ``"flops"`` or ``"params"`` (of the estimator).
         selector: ``(width, depth, size)`` of the selector.
         max_states: the budgeted search's state limit (see :class:`BudgetPlan`).
+        task_bn: the trunk's batch norms per task: ``"shared"`` (one set for every task), ``"stats"``
+            (running statistics per task, one scale and shift) or ``"private"`` (statistics, scale and
+            shift per task). Not shared, every task after the first runs its own trunk module whose
+            convolutions (and, with ``"stats"``, norm scales and shifts) *are* the first task's parameters
+            (tied: one tensor, saved once) and whose batch norms are its own.
     """
 
     def __init__(
@@ -78,8 +104,11 @@ class ElasticNet(MultiTaskNet):
         budget_kind: str,
         selector: tuple[int, int, int],
         max_states: int = 20000,
+        task_bn: str = "shared",
     ) -> None:
         nn.Module.__init__(self)
+        if task_bn not in ("shared", "stats", "private"):
+            raise ConfigError(f"method.task_bn: '{task_bn}' is not one of shared, stats, private")
         if base.shared_stem:
             raise ConfigError("deep elastic networks need one stem per task")
         self.trunk = base.trunk
@@ -90,6 +119,14 @@ class ElasticNet(MultiTaskNet):
         self.num_levels = levels
         blocks = elasticize(self.trunk, fractions, levels)
         self.num_blocks = len(blocks)
+        self.task_bn = task_bn
+        # the trunk of every task after the first, its batch norms its own (see ``task_bn``)
+        self.task_trunks = nn.ModuleDict()
+        if task_bn != "shared":
+            for t in list(self.specs)[1:]:
+                self.task_trunks[t] = tied_copy(self.trunk, tie_norms=task_bn == "stats")
+        self._tied = self._tied_names()
+        self.register_load_state_dict_pre_hook(_fill_tied)
         width, depth, size = selector
         self.selector = Selector(list(self.specs.values()), self.num_blocks, levels, width, depth, size)
         self.budget_levels = [float(f) for f in budget_levels]
@@ -98,6 +135,30 @@ class ElasticNet(MultiTaskNet):
         # training progress within a stage (the epoch of the last step): epsilon-greedy's schedule
         self.register_buffer("den_progress", torch.zeros(()))
         self._cache: dict[Any, Any] = {}
+
+    # ---- the trunk of each task --------------------------------------------------------------------
+    def trunk_of(self, task: str) -> nn.Module:
+        """The trunk task ``task`` runs (the shared one unless its batch norms are its own)."""
+        return self.task_trunks[task] if task in self.task_trunks else self.trunk
+
+    def _tied_names(self) -> dict[str, str]:
+        """``{name in a task trunk: name in the shared trunk}`` of every tied parameter."""
+        out: dict[str, str] = {}
+        ref = {id(p): n for n, p in self.trunk.named_parameters()}
+        for t, tr in self.task_trunks.items():
+            for n, p in tr.named_parameters(remove_duplicate=False):
+                if id(p) in ref:
+                    out[f"task_trunks.{t}.{n}"] = f"trunk.{ref[id(p)]}"
+        return out
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The state dict without the task trunks' tied parameters (each tensor saved once, under the
+        shared trunk's name; loading ties them again)."""
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        out = super().state_dict(*args, **kwargs)
+        for n in self._tied:
+            out.pop(prefix + n, None)
+        return out
 
     # ---- blocks and structures ---------------------------------------------------------------------
     def blocks(self) -> list[ElasticBlock]:
@@ -180,7 +241,7 @@ class ElasticNet(MultiTaskNet):
     def forward(self, x: torch.Tensor, task: str, route: Route | None = None) -> torch.Tensor:
         self.check_task(task)
         if route is not None and (route.instance is not None or route.layers):
-            f = self.trunk(call(self.stem(task), x, None), route)
+            f = self.trunk_of(task)(call(self.stem(task), x, None), route)
             return call(self.heads[task], f, None)
         return self.task_network(task, self._level_of_route(task, route))(x)
 
@@ -190,7 +251,7 @@ class ElasticNet(MultiTaskNet):
         lv = self._level_of_route(task, route)
         return DENTaskNet(
             self.stem(task),
-            self.trunk,
+            self.trunk_of(task),
             self.heads[task],
             self.selector.net(self.spec(task)),
             self.plan(task, self.level_bound(task, lv)),
@@ -198,7 +259,7 @@ class ElasticNet(MultiTaskNet):
 
     def structure_network(self, task: str) -> TaskNet:
         """The estimator of ``task`` (stem, trunk, head), called ``net(x, structure_route(task, z))``."""
-        return TaskNet(self.stem(task), self.trunk, self.heads[task])
+        return TaskNet(self.stem(task), self.trunk_of(task), self.heads[task])
 
     def parameter_usage(self, task: str, level: int | None = None) -> dict[str, torch.Tensor]:
         """A budget level's deployable reads every parameter of its task's estimator and selector."""
@@ -217,6 +278,7 @@ class ElasticNet(MultiTaskNet):
             "widths": [list(b.widths) for b in self.blocks()],
             "budget_levels": list(self.budget_levels),
             "budget_kind": self.budget_kind,
+            "task_bn": self.task_bn,
         }
 
     # ---- selection ---------------------------------------------------------------------------------
@@ -241,11 +303,11 @@ class ElasticNet(MultiTaskNet):
         then each task's head. In training the trunk's shared batch norms then normalise with the task
         mixture's statistics, which their running statistics (used at inference) estimate; run one task at
         a time, each task would be trained on its own statistics and tested on the mixture's (the joint
-        baseline measured Fashion-MNIST at 58.9 % instead of 86 % that way)."""
+        baseline measured Fashion-MNIST at 58.9 % instead of 86 % that way). With batch norms per task
+        (``task_bn`` not shared) each task runs its own trunk on its own batch."""
         tasks = list(xs)
-        if len(tasks) == 1:
-            (t,) = tasks
-            return {t: self(xs[t], t, self.instance_route(t, z[t], masked=masked))}
+        if len(tasks) == 1 or self.task_bn != "shared":
+            return {t: self(xs[t], t, self.instance_route(t, z[t], masked=masked)) for t in tasks}
         for t in tasks:
             self.check_task(t)
         feats = torch.cat([call(self.stem(t), xs[t], None) for t in tasks])
@@ -392,7 +454,7 @@ class ElasticNet(MultiTaskNet):
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("selector."))
 
     def estimator_modules(self) -> list[nn.Module]:
-        return [self.trunk, self.stems, self.heads]
+        return [self.trunk, self.task_trunks, self.stems, self.heads]
 
     # ---- batch-norm calibration -------------------------------------------------------------------
     def estimator_norms(self) -> dict[str, nn.modules.batchnorm._BatchNorm]:
