@@ -39,8 +39,8 @@ def cfg(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def build(name: str, ts, bn_eval: bool = False):
-    method = make_method(name, OPTIONS.get(name))
+def build(name: str, ts, bn_eval: bool = False, options: dict | None = None):
+    method = make_method(name, options if options is not None else OPTIONS.get(name))
     if bn_eval:  # a test-only variant: BatchNorm layers use their running statistics while training
         original = method.training_step
 
@@ -70,11 +70,14 @@ def world_of_one(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", method_names())
-def test_every_method_trains_ddp_steps_at_world_size_1(name, world_of_one):
+@pytest.mark.parametrize(
+    "name,options", [(n, None) for n in method_names()] + [("den", {"task_bn": "private"})]
+)
+def test_every_method_trains_ddp_steps_at_world_size_1(name, options, world_of_one):
+    """Also DEN with batch norm per task (trunks with tied parameters under DDP)."""
     assert world_of_one.distributed and world_of_one.world_size == 1
     ts = make_taskset()
-    method, model = build(name, ts)
+    method, model = build(name, ts, options=options)
     tr = Trainer(
         method, model, ts, cfg(max_steps_per_epoch=2), 0, None, runtime=world_of_one, log=lambda s: None
     )
