@@ -34,6 +34,9 @@ FUNCTIONS = {
     "dvn_j1": ("dvn_joint", "claims"),
     "dvn_h1": ("dvn_joint", "claims"),
     "adapters_transfer": ("adapters_decathlon", "transfer_claims"),
+    "den_m1": ("den_m1", "claims_of_rows"),
+    "den_m3": ("den_m1", "claims_of_rows"),
+    "den_c1": ("den_m1", "claims_of_rows"),
 }
 
 ClaimsFn = Callable[[list[dict[str, Any]], dict[str, Any]], list[dict[str, Any]]]

@@ -272,7 +272,25 @@ def claims(name: str, rows: list[dict[str, Any]], rhos: list[float]) -> list[dic
                 None if acc is None or rs is None else acc - rs,
             )
         )
+    joint_acc = _mean(rows, "joint", "accuracy")
+    if joint_acc is not None and ind_acc is not None:  # what one plainly trained shared network costs
+        out.append(
+            claim(
+                f"{name}.joint.acc_gap_individual",
+                "mean accuracy of one network trained on every task (joint, no elastic structure) minus the "
+                "individual backbones' (points, mean over tasks; DEN rho 0.1's bound)",
+                ">=",
+                -0.3,
+                joint_acc - ind_acc,
+            )
+        )
     return out
+
+
+def claims_of_rows(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """``claims`` of a stored results file (benchmarks/add_claims.py): the rhos are read off its rows."""
+    rhos = sorted({float(r["method"][len("den-rho") :]) for r in rows if r["method"].startswith("den-rho")})
+    return claims(str(meta["benchmark"]), rows, rhos)
 
 
 def main() -> None:

@@ -217,6 +217,42 @@ def test_add_claims_dvn_joint_file_by_name(tmp_path):
     assert checker_problems(path) == []
 
 
+def test_add_claims_den_m1_file_reads_rhos_off_its_rows(tmp_path):
+    def row(method, task, acc, flops, level=1):
+        return {
+            "method": method,
+            "scenario": "M1",
+            "task": task,
+            "level": level,
+            "accuracy": acc,
+            "params": 1,
+            "flops": flops,
+        }
+
+    rows = [
+        row("individual", "a", 99.0, 100),
+        row("individual", "b", 97.0, 100),
+        row("joint", "a", 98.5, 100),
+        row("joint", "b", 96.9, 100),  # mean 97.7 against the individual 98.0: -0.3, the bound itself
+        row("den-full-estimator", "a", 98.0, 100),
+        row("den-full-estimator", "b", 96.0, 100),
+        row("den-rho0.1", "a", 98.0, 70),
+        row("den-rho0.1", "b", 97.0, 90),  # mean 97.5 (-0.5), FLOPs 80 / 100
+        row("den-rand-sel-rho0.1", "a", 97.0, 80),
+        row("den-rand-sel-rho0.1", "b", 96.5, 80),
+    ]
+    path = write_doc(tmp_path, "den_m1_x", {"command": "c", "seed": 0, "benchmark": "den_m1", "rows": rows})
+    assert add_claims.main([str(path)]) == 0
+    got = {c["id"]: (round(c["measured"], 6), c["met"]) for c in json.loads(path.read_text())["claims"]}
+    assert got == {
+        "den_m1.den-rho0.1.acc_gap_individual": (-0.5, False),
+        "den_m1.den-rho0.1.flops_over_individual": (0.8, True),
+        "den_m1.den-rho0.1.over_rand_sel": (0.75, False),
+        "den_m1.joint.acc_gap_individual": (-0.3, True),
+    }
+    assert checker_problems(path) == []
+
+
 def test_add_claims_leaves_unknown_benchmarks_alone(tmp_path, capsys):
     doc = {**overhead_doc(1.0), "benchmark": "no_such_benchmark"}
     path = write_doc(tmp_path, "other", doc)
