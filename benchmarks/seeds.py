@@ -11,6 +11,11 @@ and no seed misses the target by more than one standard deviation. ``measured`` 
 
 A claim with a sentence as target is met when it is met at every seed (measured: "k of n seeds").
 
+One seed's results may be spread over several files of the same benchmark and seed (a baseline run apart
+from the rest): ``a.json+b.json`` reads them as one file, rows joined (a row whose (method, scenario,
+task, level, stage) an earlier file already has must equal it) and claims joined (a claim in two of them
+must have the same measured value).
+
 Run:  python benchmarks/seeds.py --name dvn_s1_seeds docs/results/dvn_s1.json docs/results/dvn_s1_seed1.json
       docs/results/dvn_s1_seed2.json
 """
@@ -41,14 +46,62 @@ def read(path: str) -> dict[str, Any]:
     return doc
 
 
+def row_key(r: dict[str, Any]) -> tuple:
+    return (r.get("method"), r.get("scenario"), r.get("task"), r.get("level"), r.get("stage"))
+
+
+def join(paths: list[str], docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several results files of one benchmark and one seed as one: rows and claims joined. A row key or a
+    claim id found in two files must carry the same accuracy / measured value there."""
+    first = docs[0]
+    for p, d in zip(paths[1:], docs[1:], strict=True):
+        if d["benchmark"] != first["benchmark"] or d["seed"] != first["seed"]:
+            raise SystemExit(
+                f"{p}: benchmark {d['benchmark']!r} seed {d['seed']} cannot join {paths[0]} "
+                f"(benchmark {first['benchmark']!r} seed {first['seed']})"
+            )
+    rows: dict[tuple, dict[str, Any]] = {}
+    extra_rows: list[dict[str, Any]] = []
+    claims: dict[str, dict[str, Any]] = {}
+    for p, d in zip(paths, docs, strict=True):
+        for r in d["rows"]:
+            if not isinstance(r.get("accuracy"), (int, float)):
+                extra_rows.append(r)
+                continue
+            k = row_key(r)
+            if k in rows and rows[k]["accuracy"] != r["accuracy"]:
+                raise SystemExit(
+                    f"{p}: row {k} has accuracy {r['accuracy']}, another file of seed {d['seed']} "
+                    f"{rows[k]['accuracy']}"
+                )
+            rows.setdefault(k, r)
+        for c in d["claims"]:
+            if c["id"] in claims and claims[c["id"]]["measured"] != c["measured"]:
+                raise SystemExit(
+                    f"{p}: claim {c['id']!r} measured {c['measured']}, another file of seed {d['seed']} "
+                    f"{claims[c['id']]['measured']}"
+                )
+            claims.setdefault(c["id"], c)
+    return {
+        **first,
+        "command": " ; ".join(str(d.get("command")) for d in docs),
+        "rows": [*rows.values(), *extra_rows],
+        "claims": list(claims.values()),
+    }
+
+
+def read_seed(arg: str) -> dict[str, Any]:
+    """One seed's results: a file, or several joined by ``+`` (:func:`join`)."""
+    paths = arg.split("+")
+    docs = [read(p) for p in paths]
+    return docs[0] if len(docs) == 1 else join(paths, docs)
+
+
 def accuracy_rows(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (method, scenario, task, level, stage) found with an accuracy in every file: the mean accuracy
     (``accuracy``), its sample standard deviation and the per-seed values; costs from the first file."""
 
-    def key(r: dict[str, Any]) -> tuple:
-        return (r.get("method"), r.get("scenario"), r.get("task"), r.get("level"), r.get("stage"))
-
-    tables = [{key(r): r for r in d["rows"] if isinstance(r.get("accuracy"), (int, float))} for d in docs]
+    tables = [{row_key(r): r for r in d["rows"] if isinstance(r.get("accuracy"), (int, float))} for d in docs]
     out = []
     for k, first in tables[0].items():
         if not all(k in t for t in tables[1:]):
@@ -119,10 +172,14 @@ def combine(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("files", nargs="+", help="results .json files of one benchmark, one per seed")
+    p.add_argument(
+        "files",
+        nargs="+",
+        help="results .json files of one benchmark, one per seed (several files of one seed joined by +)",
+    )
     p.add_argument("--name", required=True, help="name of the combined file (docs/results/<name>)")
     args = p.parse_args()
-    docs = [read(f) for f in args.files]
+    docs = [read_seed(f) for f in args.files]
     names = {d["benchmark"] for d in docs}
     if len(names) != 1:
         raise SystemExit(f"the files are of different benchmarks: {sorted(names)}")
@@ -138,7 +195,11 @@ def main() -> None:
         extra={
             "seeds": seeds,
             "sources": [
-                {"file": Path(f).name, "seed": d["seed"], "command": d.get("command")}
+                {
+                    "file": "+".join(Path(x).name for x in f.split("+")),
+                    "seed": d["seed"],
+                    "command": d.get("command"),
+                }
                 for f, d in zip(args.files, docs, strict=True)
             ],
         },

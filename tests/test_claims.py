@@ -332,3 +332,44 @@ def test_seeds_combines_claims_by_issue_15s_rule(tmp_path):
     _, claims = seeds.combine([doc(s, g, 0.5, True) for s, g in enumerate([1.0, 1.0, 1.0, 1.0, -2.0])])
     gap = next(c for c in claims if c["id"] == "b.gap")
     assert sum([1.0, 1.0, 1.0, 1.0, -2.0]) / 5 >= -0.3 and not gap["met"]
+
+
+def test_seeds_joins_the_files_of_one_seed(tmp_path):
+    import seeds
+
+    def write(name, seed, claims, rows):
+        p = tmp_path / f"{name}.json"
+        p.write_text(
+            json.dumps({"benchmark": "b", "seed": seed, "command": name, "claims": claims, "rows": rows})
+        )
+        return str(p)
+
+    def row(method, acc):
+        return {"method": method, "scenario": "s", "task": "t", "level": 1, "accuracy": acc}
+
+    gap = claim("b.gap", "gap", ">=", -0.3, -0.5)
+    joint = claim("b.joint", "joint gap", ">=", -0.3, -0.8)
+    a = write("a", 0, [gap], [row("individual", 99.0), row("den", 98.5)])
+    b = write("b", 0, [joint], [row("individual", 99.0), row("joint", 98.2)])
+    doc = seeds.read_seed(f"{a}+{b}")
+    assert [c["id"] for c in doc["claims"]] == ["b.gap", "b.joint"]
+    assert [(r["method"], r["accuracy"]) for r in doc["rows"]] == [
+        ("individual", 99.0),
+        ("den", 98.5),
+        ("joint", 98.2),
+    ]
+    assert doc["command"] == "a ; b"
+    # joined with a second seed: both claims are combined over the two seeds
+    c = write("c", 1, [claim("b.gap", "gap", ">=", -0.3, -0.1), claim("b.joint", "j", ">=", -0.3, -0.6)], [])
+    _, claims = seeds.combine([doc, seeds.read_seed(c)])
+    by = {x["id"]: x for x in claims}
+    assert by["b.gap"]["per_seed"] == [-0.5, -0.1] and by["b.joint"]["per_seed"] == [-0.8, -0.6]
+    # a row or claim that disagrees between the files of one seed, or another seed, is refused
+    bad_row = write("d", 0, [], [row("individual", 98.0)])
+    with pytest.raises(SystemExit, match=r"d.json: row .*individual.* has accuracy 98.0"):
+        seeds.read_seed(f"{a}+{bad_row}")
+    bad_claim = write("e", 0, [claim("b.gap", "gap", ">=", -0.3, -0.4)], [])
+    with pytest.raises(SystemExit, match="e.json: claim 'b.gap' measured -0.4"):
+        seeds.read_seed(f"{a}+{bad_claim}")
+    with pytest.raises(SystemExit, match="c.json: benchmark 'b' seed 1 cannot join"):
+        seeds.read_seed(f"{a}+{c}")
