@@ -60,13 +60,11 @@ def join(paths: list[str], docs: list[dict[str, Any]]) -> dict[str, Any]:
                 f"{p}: benchmark {d['benchmark']!r} seed {d['seed']} cannot join {paths[0]} "
                 f"(benchmark {first['benchmark']!r} seed {first['seed']})"
             )
-    rows: dict[tuple, dict[str, Any]] = {}
-    extra_rows: list[dict[str, Any]] = []
+    rows: dict[tuple, dict[str, Any]] = {}  # only rows with an accuracy: all that combine() reads
     claims: dict[str, dict[str, Any]] = {}
     for p, d in zip(paths, docs, strict=True):
         for r in d["rows"]:
             if not isinstance(r.get("accuracy"), (int, float)):
-                extra_rows.append(r)
                 continue
             k = row_key(r)
             if k in rows and rows[k]["accuracy"] != r["accuracy"]:
@@ -85,7 +83,7 @@ def join(paths: list[str], docs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         **first,
         "command": " ; ".join(str(d.get("command")) for d in docs),
-        "rows": [*rows.values(), *extra_rows],
+        "rows": list(rows.values()),
         "claims": list(claims.values()),
     }
 
