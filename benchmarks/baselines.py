@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import claim, floor_claims, parser, write_results  # noqa: E402
+from _common import converged_claims, floor_claims, last_quarter_gain, parser, write_results  # noqa: E402
 
 from virtnet import api  # noqa: E402
 from virtnet.config import RunConfig  # noqa: E402
@@ -48,15 +48,6 @@ def parse_datasets(spec: str) -> list[tuple[str, int]]:
             raise SystemExit(f"--datasets: expected name=epochs (epochs >= 1), got {item!r}")
         out.append((name.strip(), int(epochs)))
     return out
-
-
-def last_quarter_gain(curve: list[float]) -> float | None:
-    """The convergence rule's measure: best of the last quarter of ``curve`` (at least one epoch) minus
-    the best before it; None with fewer than two epochs."""
-    if len(curve) < 2:
-        return None
-    q = max(1, len(curve) // 4)
-    return max(curve[-q:]) - max(curve[:-q])
 
 
 def main() -> None:
@@ -111,9 +102,7 @@ def main() -> None:
                 }
             )
             run = api.train(cfg, taskset=taskset)
-            curve = [
-                r["rows"][0]["accuracy"] for r in run.summary["history"] if r.get("event") == "eval"
-            ]
+            curve = [r["rows"][0]["accuracy"] for r in run.summary["history"] if r.get("event") == "eval"]
             loaded = api.load(run.out_dir / "model.json")
             cost = api.cost_rows(loaded, threads=args.threads)
             sec = statistics.median(run.summary["epoch_seconds"])
@@ -159,20 +148,7 @@ def main() -> None:
 def claims(rows: list[dict], meta: dict | None = None) -> list[dict]:
     """Issue 15's baseline floors per (method, task), and the convergence rule per (method, task)."""
     out = floor_claims("baselines", {(r["method"], r["task"]): r["accuracy"] for r in rows})
-    for r in rows:
-        if "last_quarter_gain" not in r:
-            continue
-        out.append(
-            claim(
-                f"baselines.converged.{r['method']}.{r['task']}",
-                f"the {r['method']} baseline on {r['task']} has converged: its best test accuracy in "
-                "the last quarter of the epochs is under 0.2 points above the best before",
-                "<=",
-                0.2,
-                r["last_quarter_gain"],
-            )
-        )
-    return out
+    return out + converged_claims("baselines", rows)
 
 
 if __name__ == "__main__":

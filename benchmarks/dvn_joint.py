@@ -16,6 +16,9 @@ single-unit level within 2 points, with half the parameters of the two individua
 
 Run:  python benchmarks/dvn_joint.py --scenario j1 --train-size 10000 --epochs 3 --width 1.0
       (the configuration of docs/results/dvn_j1.md; at width 0.5 the single unit misses, see docs)
+At convergence (issue 15; docs/results/dvn_j1_conv.md):
+      python benchmarks/dvn_joint.py --scenario j1 --train-size 0 --epochs 10 --width 1.0 \
+          --crop-padding 2 --warmup 0.15 --methods dvn,individual --out docs/results/dvn_j1_conv
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ import torch  # noqa: E402
 from _common import (  # noqa: E402
     add_training_args,
     claim,
+    converged_claims,
+    eval_curves,
     floor_claims,
+    last_quarter_gain,
     parser,
     run_method,
     sgd_train,
@@ -40,23 +46,26 @@ from _common import (  # noqa: E402
 from virtnet.data.config import DataConfig, build_taskset  # noqa: E402
 
 
-def data_section(scenario: str, root: str | None, n: int | None) -> dict:
-    """J1: two datasets; H1: coarse and fine labels of the same Fashion-MNIST images."""
+def data_section(scenario: str, root: str | None, n: int | None, crop_padding: int = 0) -> dict:
+    """J1: two datasets; H1: coarse and fine labels of the same Fashion-MNIST images. ``n`` None: the
+    whole training split; ``crop_padding`` > 0: random crops of the original size after that much zero
+    padding (as benchmarks/baselines.py)."""
+    aug = {"crop_padding": crop_padding}
     if scenario == "j1":
         return {
             "root": root,
             "sampling": "all",
             "val_fraction": 0,  # train on every training image (no default val split)
             "tasks": [
-                {"name": "mnist", "dataset": "mnist", "train_size": n},
-                {"name": "fashion_mnist", "dataset": "fashion_mnist", "train_size": n},
+                {"name": "mnist", "dataset": "mnist", "train_size": n, "augment": aug},
+                {"name": "fashion_mnist", "dataset": "fashion_mnist", "train_size": n, "augment": aug},
             ],
         }
     return {
         "root": root,
         "sampling": "all",
         "val_fraction": 0,  # train on every training image (no default val split)
-        "scenario": {"kind": "coarse_fine", "dataset": "fashion_mnist", "train_size": n},
+        "scenario": {"kind": "coarse_fine", "dataset": "fashion_mnist", "train_size": n, "augment": aug},
     }
 
 
@@ -64,7 +73,16 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--scenario", choices=["j1", "h1"], default="j1")
     add_training_args(p, epochs=4)
-    p.add_argument("--train-size", type=int, default=20000, help="training images per task (stratified)")
+    p.add_argument(
+        "--train-size", type=int, default=20000, help="training images per task (stratified); 0: all of them"
+    )
+    p.add_argument("--crop-padding", type=int, default=0, help="crop augmentation padding (pixels); 0: none")
+    p.add_argument("--warmup", type=float, default=0.0, help="linear warm-up, fraction of the epochs")
+    p.add_argument(
+        "--curves",
+        action="store_true",
+        help="test accuracy after every epoch (rows get `curve` and issue 15's `last_quarter_gain`)",
+    )
     p.add_argument("--methods", default="dvn,individual,individual-half,nestednet,packnet-grouped")
     p.add_argument(
         "--dvn-options",
@@ -74,10 +92,12 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    data = data_section(args.scenario, args.data_root, args.train_size)
+    data = data_section(args.scenario, args.data_root, args.train_size or None, args.crop_padding)
     taskset = build_taskset(DataConfig.model_validate(data), args.seed)
     model = {"name": "resnet", "depth": args.depth, "width": args.width}
-    train = sgd_train(args)
+    train = {**sgd_train(args), "warmup_epochs": round(args.warmup * args.epochs, 3)}
+    if args.curves:
+        train["eval_every"] = 1
     work = Path(args.work_dir or f"runs/bench/dvn_{args.scenario}")
     specs = {
         "dvn": ("dvn", {"num_units": 2, **json.loads(args.dvn_options)}),
@@ -89,7 +109,7 @@ def main() -> None:
     rows = []
     for label in args.methods.split(","):
         name, options = specs[label]
-        r, _ = run_method(
+        r, run = run_method(
             name,
             args.scenario.upper(),
             data,
@@ -102,6 +122,13 @@ def main() -> None:
             label=label,
             threads=args.threads,
         )
+        if args.curves:
+            curves = eval_curves(run)
+            for row in r:
+                curve = curves[(row["task"], row["level"])]
+                gain = last_quarter_gain(curve)
+                row["last_quarter_gain"] = None if gain is None else round(gain, 6)
+                row["curve"] = " ".join(f"{a:.2f}" for a in curve)
         rows.extend(r)
 
     summary = summarise(rows, taskset.names)
@@ -113,8 +140,10 @@ def main() -> None:
         extra={
             "scenario": args.scenario.upper(),
             "backbone": f"resnet{args.depth} (CIFAR layout) width {args.width}",
-            "train_size_per_task": args.train_size,
+            "train_size_per_task": args.train_size or "all",
             "epochs": args.epochs,
+            "crop_padding": args.crop_padding,
+            "warmup_epochs": train["warmup_epochs"],
             "dvn_options": json.loads(args.dvn_options),
             "summary": summary,
         },
@@ -215,7 +244,7 @@ def claims(rows: list[dict], meta: dict | None = None) -> list[dict]:
         )
     )
     ind_acc = {("individual", t): a for (m, t, _), a in acc.items() if m == "individual"}
-    return out + floor_claims(prefix, ind_acc)
+    return out + floor_claims(prefix, ind_acc) + converged_claims(prefix, rows, ("individual",))
 
 
 if __name__ == "__main__":

@@ -373,3 +373,32 @@ def test_seeds_joins_the_files_of_one_seed(tmp_path):
         seeds.read_seed(f"{a}+{bad_claim}")
     with pytest.raises(SystemExit, match="c.json: benchmark 'b' seed 1 cannot join"):
         seeds.read_seed(f"{a}+{c}")
+
+
+def test_last_quarter_gain_is_the_best_of_the_last_quarter_minus_the_best_before():
+    # 8 epochs: the last quarter is the last 2; best before 90.0, best after 90.5
+    assert _common.last_quarter_gain([50, 80, 90, 85, 88, 89, 90.5, 90.25]) == pytest.approx(0.5)
+    # fewer than 4 epochs: the last quarter is the last epoch
+    assert _common.last_quarter_gain([70, 80, 79]) == pytest.approx(-1.0)
+    assert _common.last_quarter_gain([70]) is None
+
+
+def test_eval_curves_and_converged_claims_read_the_history():
+    class Run:
+        summary = {
+            "history": [
+                {"event": "eval", "rows": [{"task": "a", "level": 1, "accuracy": 80.0}]},
+                {"event": "train", "loss": 1.0},
+                {"event": "eval", "rows": [{"task": "a", "level": 1, "accuracy": 85.0}]},
+            ]
+        }
+
+    assert _common.eval_curves(Run()) == {("a", 1): [80.0, 85.0]}
+    rows = [
+        {"method": "individual", "task": "a", "last_quarter_gain": 0.1},
+        {"method": "dvn", "task": "a", "last_quarter_gain": 3.0},
+        {"method": "individual", "task": "b"},
+    ]
+    got = _common.converged_claims("x", rows, ("individual",))
+    assert [(c["id"], c["measured"], c["met"]) for c in got] == [("x.converged.individual.a", 0.1, True)]
+    assert [c["met"] for c in _common.converged_claims("x", rows)] == [True, False]
