@@ -130,8 +130,14 @@ def main() -> None:
                 row["last_quarter_gain"] = None if gain is None else round(gain, 6)
                 row["curve"] = " ".join(f"{a:.2f}" for a in curve)
         rows.extend(r)
+        # written after every method, so that a long run that is stopped keeps what it finished
+        stem = write(args, rows, taskset.names)
+    print(f"wrote {stem}.json and {stem}.md")
 
-    summary = summarise(rows, taskset.names)
+
+def write(args, rows: list[dict], tasks: list[str]) -> str:
+    """Write the results files of the rows so far; returns their stem."""
+    summary = summarise(rows, tasks)
     stem = write_results(
         f"dvn_{args.scenario}",
         rows,
@@ -143,7 +149,7 @@ def main() -> None:
             "train_size_per_task": args.train_size or "all",
             "epochs": args.epochs,
             "crop_padding": args.crop_padding,
-            "warmup_epochs": train["warmup_epochs"],
+            "warmup_epochs": round(args.warmup * args.epochs, 3),
             "dvn_options": json.loads(args.dvn_options),
             "summary": summary,
         },
@@ -151,8 +157,8 @@ def main() -> None:
     )
     with open(f"{stem}.md", "a") as f:
         f.write("\n## Summary\n\n" + summary["markdown"] + "\n")
-    print(summary["markdown"])
-    print(f"wrote {stem}.json and {stem}.md")
+    print(summary["markdown"], flush=True)
+    return stem
 
 
 def summarise(rows: list[dict], tasks: list[str]) -> dict:
