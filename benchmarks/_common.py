@@ -177,7 +177,8 @@ def last_quarter_gain(curve: list[float]) -> float | None:
 
 
 def eval_curves(run: Any) -> dict[tuple[str, int], list[float]]:
-    """(task, level) -> test accuracy after every evaluation of ``run``'s history (``eval_every`` > 0)."""
+    """(task, level) -> accuracy after every evaluation in ``run``'s history (``eval_every`` > 0), in order
+    over all phases; the loop evaluates on the val split when every task of the phase has one, else test."""
     out: dict[tuple[str, int], list[float]] = {}
     for event in run.summary["history"]:
         if event.get("event") == "eval":

@@ -28,7 +28,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import converged_claims, floor_claims, last_quarter_gain, parser, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    converged_claims,
+    eval_curves,
+    floor_claims,
+    last_quarter_gain,
+    parser,
+    write_results,
+)
 
 from virtnet import api  # noqa: E402
 from virtnet.config import RunConfig  # noqa: E402
@@ -102,7 +109,7 @@ def main() -> None:
                 }
             )
             run = api.train(cfg, taskset=taskset)
-            curve = [r["rows"][0]["accuracy"] for r in run.summary["history"] if r.get("event") == "eval"]
+            (curve,) = eval_curves(run).values()  # one task, one level
             loaded = api.load(run.out_dir / "model.json")
             cost = api.cost_rows(loaded, threads=args.threads)
             sec = statistics.median(run.summary["epoch_seconds"])

@@ -17,8 +17,8 @@ single-unit level within 2 points, with half the parameters of the two individua
 Run:  python benchmarks/dvn_joint.py --scenario j1 --train-size 10000 --epochs 3 --width 1.0
       (the configuration of docs/results/dvn_j1.md; at width 0.5 the single unit misses, see docs)
 At convergence (issue 15; docs/results/dvn_j1_conv.md):
-      python benchmarks/dvn_joint.py --scenario j1 --train-size 0 --epochs 10 --width 1.0 \
-          --crop-padding 2 --warmup 0.15 --methods dvn,individual --out docs/results/dvn_j1_conv
+      python benchmarks/dvn_joint.py --scenario j1 --train-size 0 --epochs 5 --width 1.0 \
+          --crop-padding 2 --warmup 0.15 --curves --methods individual,dvn --out docs/results/dvn_j1_conv
 """
 
 from __future__ import annotations
@@ -131,11 +131,11 @@ def main() -> None:
                 row["curve"] = " ".join(f"{a:.2f}" for a in curve)
         rows.extend(r)
         # written after every method, so that a long run that is stopped keeps what it finished
-        stem = write(args, rows, taskset.names)
+        stem = write(args, train, rows, taskset.names)
     print(f"wrote {stem}.json and {stem}.md")
 
 
-def write(args, rows: list[dict], tasks: list[str]) -> str:
+def write(args, train: dict, rows: list[dict], tasks: list[str]) -> str:
     """Write the results files of the rows so far; returns their stem."""
     summary = summarise(rows, tasks)
     stem = write_results(
@@ -149,7 +149,7 @@ def write(args, rows: list[dict], tasks: list[str]) -> str:
             "train_size_per_task": args.train_size or "all",
             "epochs": args.epochs,
             "crop_padding": args.crop_padding,
-            "warmup_epochs": round(args.warmup * args.epochs, 3),
+            "warmup_epochs": train["warmup_epochs"],
             "dvn_options": json.loads(args.dvn_options),
             "summary": summary,
         },
